@@ -387,14 +387,24 @@ impl State {
     /// Handles the bytes after the last `>`: whitespace between elements is consumed, the
     /// start of markup waits, anything else is an error; and the size limit holds.
     fn tail(&mut self, buf: &[u8], pos: &mut usize) -> Result<(), FrameError> {
-        // Markup cut short that can only become something refused is refused at once.
-        if let Some(lt) = memchr::memrchr(b'<', &buf[*pos..]) {
+        // Markup cut short that can only become something refused is refused at once. The
+        // tokeniser stopped at the start of the incomplete token; text holds no `<`, so the
+        // first `<` from there starts markup (a later one may sit inside a quoted value).
+        if let Some(lt) = memchr::memchr(b'<', &buf[*pos..]) {
             let markup = &buf[*pos + lt..];
-            if markup.starts_with(b"<!--") {
-                return Err(restricted("comment"));
-            }
-            if markup.len() >= 3 && b"<!DOCTYPE".starts_with(&markup[..markup.len().min(9)]) {
-                return Err(restricted("document type declaration"));
+            // After `<!` only CDATA may follow; a comment or a DTD is refused, and anything
+            // else is not XML. Each decision holds however many more bytes arrive.
+            if markup.len() >= 3 && markup[1] == b'!' {
+                let n = markup.len().min(9);
+                if markup[2] == b'-' {
+                    return Err(restricted("comment"));
+                }
+                if markup[2] != b'[' {
+                    return Err(restricted("document type declaration"));
+                }
+                if !b"<![CDATA[".starts_with(&markup[..n]) {
+                    return Err(nwf("unknown markup after '<!'"));
+                }
             }
             let xml_decl_possible = self.phase == Phase::Prolog && !self.prolog_seen_markup;
             if markup.len() >= 2

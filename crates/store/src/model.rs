@@ -1,0 +1,58 @@
+//! The values the store keeps.
+
+/// A local user: `(domain, localpart)`, both already normalised by the caller.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct BareUser {
+    domain: String,
+    localpart: String,
+}
+
+impl BareUser {
+    /// The user `localpart@domain`. Arguments are in key order: domain first.
+    pub fn new(domain: impl Into<String>, localpart: impl Into<String>) -> Self {
+        BareUser {
+            domain: domain.into(),
+            localpart: localpart.into(),
+        }
+    }
+
+    /// The domain part.
+    pub fn domain(&self) -> &str {
+        &self.domain
+    }
+
+    /// The local part.
+    pub fn localpart(&self) -> &str {
+        &self.localpart
+    }
+}
+
+impl std::fmt::Display for BareUser {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}@{}", self.localpart, self.domain)
+    }
+}
+
+/// One roster entry (RFC 6121 §2.1.2), stored as an opaque record keyed by `jid`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RosterItem {
+    /// The contact's bare JID, normalised by the caller; the item's key.
+    pub jid: String,
+    /// The user's handle for the contact.
+    pub name: Option<String>,
+    /// `none`, `to`, `from` or `both` (the router owns the state machine).
+    pub subscription: String,
+    /// Whether a subscription request is pending (`ask='subscribe'`).
+    pub ask: bool,
+    /// Group names.
+    pub groups: Vec<String>,
+}
+
+/// A user's whole roster with its version (XEP-0237 roster versioning).
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Roster {
+    /// Increases with every change to the roster; 0 for a roster never written.
+    pub version: u64,
+    /// The items, ordered by `jid`.
+    pub items: Vec<RosterItem>,
+}
