@@ -348,6 +348,8 @@ impl State {
         } else {
             0
         };
+        // The stripped U+FEFF is character data of the open element: step over it.
+        *pos += skew;
         let mut reader = Reader::from_reader(slice);
         let config = reader.config_mut();
         config.check_end_names = false;
@@ -1161,4 +1163,29 @@ fn check_chars(bytes: &[u8]) -> Result<(), FrameError> {
         }
     }
     Ok(())
+}
+
+impl Element {
+    /// Frames one standalone element, as if it were sent on a stream whose default namespace
+    /// is `content_ns`: for stanzas a server builds itself, so that they travel as the same
+    /// type as framed ones. The bytes must hold exactly one element.
+    pub fn parse(xml: Bytes, content_ns: &'static str) -> Result<Element, FrameError> {
+        let mut framer = Framer::new();
+        framer.state.phase = Phase::Open;
+        framer.state.bom_checked = true;
+        framer.state.stream_decls.push(StreamDecl {
+            prefix: None,
+            uri: NsRef::Static(content_ns),
+        });
+        framer.state.stream_decls.push(StreamDecl {
+            prefix: Some(Box::from("stream")),
+            uri: NsRef::Static(ns::STREAMS),
+        });
+        let len = xml.len();
+        framer.buf = BytesMut::from(xml);
+        match framer.next_frame()? {
+            Some(Frame::Element(el)) if el.raw().len() == len => Ok(el),
+            _ => Err(nwf("not exactly one complete element")),
+        }
+    }
 }

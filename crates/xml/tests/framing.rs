@@ -451,6 +451,7 @@ fn corpus() -> Vec<String> {
         format!("{HEADER}<a><b>text ]]> here</b></a>"),
         format!("{HEADER}<presence/>stray"),
         format!("{HEADER}<message><body>\u{20AC}&unknown;</body></message>"),
+        format!("{HEADER}<message><y a='1'/>\u{FEFF}<body>\u{FEFF}x</body></message>"),
     ]
 }
 
@@ -459,7 +460,7 @@ proptest! {
 
     #[test]
     fn every_split_gives_the_same_frames(
-        which in 0usize..7,
+        which in 0usize..8,
         chunks in proptest::collection::vec(1usize..40, 1..12),
     ) {
         let input = &corpus()[which];
@@ -469,7 +470,7 @@ proptest! {
     }
 
     #[test]
-    fn byte_at_a_time_matches(which in 0usize..7) {
+    fn byte_at_a_time_matches(which in 0usize..8) {
         let input = &corpus()[which];
         let whole = frame_chunks(input.as_bytes(), &[input.len()], Limits::default());
         let split = frame_chunks(input.as_bytes(), &[1], Limits::default());
@@ -503,4 +504,26 @@ proptest! {
         prop_assert_eq!(whole.0, split.0);
         prop_assert_eq!(whole.1.is_some(), split.1.is_some());
     }
+}
+
+#[test]
+fn server_built_elements_parse_standalone() {
+    let el = Element::parse(
+        bytes::Bytes::from_static(
+            b"<iq type='result' id='1' to='a@b/c'><ping xmlns='urn:xmpp:ping'/></iq>",
+        ),
+        "jabber:client",
+    )
+    .unwrap();
+    assert_eq!((el.name(), el.ns()), ("iq", "jabber:client"));
+    assert_eq!(el.first_child(), Some(("ping", "urn:xmpp:ping")));
+    assert!(Element::parse(bytes::Bytes::from_static(b"<a/><b/>"), "jabber:client").is_err());
+    assert!(Element::parse(bytes::Bytes::from_static(b"<a>"), "jabber:client").is_err());
+    assert!(
+        Element::parse(
+            bytes::Bytes::from_static(b"<a><!-- x --></a>"),
+            "jabber:client"
+        )
+        .is_err()
+    );
 }

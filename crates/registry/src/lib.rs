@@ -1,0 +1,116 @@
+//! The session and presence registry: which full JID is bound on which edge, with which
+//! stream, priority and last available presence.
+//!
+//! Edges write to it when a resource is bound, changes presence or goes away; routers read
+//! it to decide where a stanza goes. Everything goes through the [`SessionRegistry`] trait,
+//! so the same edge and router code runs over the in-process [`LocalRegistry`] of
+//! `starling serve` and, later, over the Raft-replicated, sharded registry of a cluster.
+//!
+//! It must never hold stanzas or rosters, and never be on the path of a message: a lookup
+//! answers "where", nothing more.
+
+mod local;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use starling_xmpp::{BareJid, FullJid};
+
+pub use local::LocalRegistry;
+
+/// The name of a node of the cluster (an edge, a router, a registry member).
+pub type NodeId = Arc<str>;
+
+/// One bound resource: what the registry knows of a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionRecord {
+    /// The bound full JID.
+    pub jid: FullJid,
+    /// The edge holding the connection.
+    pub node: NodeId,
+    /// The id of the stream the resource is bound on; with `jid` it names one session, so
+    /// a late unbind of a replaced session cannot remove its successor.
+    pub stream_id: Arc<str>,
+    /// The priority of the last available presence (RFC 6121 §4.7.2.3), 0 before any.
+    pub priority: i8,
+    /// The last available presence broadcast by the resource, `None` while it has sent no
+    /// initial presence or after it went unavailable (RFC 6121 §4.2, §4.5).
+    pub presence: Option<Bytes>,
+}
+
+impl SessionRecord {
+    /// A freshly bound resource that has not sent presence yet.
+    pub fn new(jid: FullJid, node: NodeId, stream_id: Arc<str>) -> Self {
+        SessionRecord {
+            jid,
+            node,
+            stream_id,
+            priority: 0,
+            presence: None,
+        }
+    }
+
+    /// Whether the resource is available (has sent available presence).
+    pub fn is_available(&self) -> bool {
+        self.presence.is_some()
+    }
+}
+
+/// What a bind did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BindOutcome {
+    /// The resource was free.
+    Bound,
+    /// The resource was bound by another session, which the new one replaced (RFC 6120
+    /// §7.7.2.2: the new session wins); the caller must close the old one with `<conflict/>`.
+    Replaced(SessionRecord),
+}
+
+/// A registry failure. Callers answer stanzas that depend on it with
+/// `internal-server-error` (or `wait` conditions once retries are exhausted).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RegistryError {
+    /// The registry could not be reached or did not answer in time.
+    #[error("registry unavailable: {0}")]
+    Unavailable(String),
+    /// Too many sessions for one account or one node.
+    #[error("session limit reached")]
+    LimitReached,
+}
+
+/// The registry as edges and routers use it.
+#[async_trait]
+pub trait SessionRegistry: Send + Sync + 'static {
+    /// Records a bound resource. A session already bound to the same full JID is replaced
+    /// and returned; more than `max_per_account` resources of one account fail with
+    /// [`RegistryError::LimitReached`].
+    async fn bind(&self, record: SessionRecord) -> Result<BindOutcome, RegistryError>;
+
+    /// Removes the session of `jid` if it is still the one on `stream_id`; returns whether
+    /// something was removed.
+    async fn unbind(&self, jid: &FullJid, stream_id: &str) -> Result<bool, RegistryError>;
+
+    /// Records the presence of a bound session: `Some` for available (with its priority),
+    /// `None` for unavailable. Ignored if the session is no longer the one on `stream_id`.
+    async fn set_presence(
+        &self,
+        jid: &FullJid,
+        stream_id: &str,
+        priority: i8,
+        presence: Option<Bytes>,
+    ) -> Result<(), RegistryError>;
+
+    /// The session bound to a full JID.
+    async fn session(&self, jid: &FullJid) -> Result<Option<SessionRecord>, RegistryError>;
+
+    /// Every session of an account.
+    async fn sessions(&self, bare: &BareJid) -> Result<Vec<SessionRecord>, RegistryError>;
+
+    /// Removes every session held by a node (its lease expired, or it shut down) and returns
+    /// them, so routers can broadcast unavailable presence on their behalf.
+    async fn remove_node(&self, node: &str) -> Result<Vec<SessionRecord>, RegistryError>;
+
+    /// How many sessions are registered, for metrics and admin.
+    async fn count(&self) -> Result<usize, RegistryError>;
+}

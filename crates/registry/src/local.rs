@@ -1,0 +1,186 @@
+//! The single-node registry of `starling serve`: a map in memory, behind the same trait as
+//! the replicated one. It loses everything with the process, which is correct for sessions
+//! that die with it.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use parking_lot::RwLock;
+use starling_xmpp::{BareJid, FullJid};
+
+use crate::{BindOutcome, RegistryError, SessionRecord, SessionRegistry};
+
+/// In-memory registry for one process.
+#[derive(Debug)]
+pub struct LocalRegistry {
+    /// Sessions by bare JID; each account has few resources, so a small vector is the
+    /// cheapest map from resource to record.
+    accounts: RwLock<HashMap<BareJid, Vec<SessionRecord>>>,
+    max_per_account: usize,
+}
+
+impl LocalRegistry {
+    /// A registry allowing at most `max_per_account` resources per account.
+    pub fn new(max_per_account: usize) -> Self {
+        LocalRegistry {
+            accounts: RwLock::new(HashMap::new()),
+            max_per_account,
+        }
+    }
+}
+
+impl Default for LocalRegistry {
+    fn default() -> Self {
+        Self::new(64)
+    }
+}
+
+#[async_trait]
+impl SessionRegistry for LocalRegistry {
+    async fn bind(&self, record: SessionRecord) -> Result<BindOutcome, RegistryError> {
+        let bare = record.jid.to_bare();
+        let mut accounts = self.accounts.write();
+        let sessions = accounts.entry(bare).or_default();
+        if let Some(existing) = sessions.iter_mut().find(|s| s.jid == record.jid) {
+            let old = std::mem::replace(existing, record);
+            return Ok(BindOutcome::Replaced(old));
+        }
+        if sessions.len() >= self.max_per_account {
+            return Err(RegistryError::LimitReached);
+        }
+        sessions.push(record);
+        Ok(BindOutcome::Bound)
+    }
+
+    async fn unbind(&self, jid: &FullJid, stream_id: &str) -> Result<bool, RegistryError> {
+        let bare = jid.to_bare();
+        let mut accounts = self.accounts.write();
+        let Some(sessions) = accounts.get_mut(&bare) else {
+            return Ok(false);
+        };
+        let before = sessions.len();
+        sessions.retain(|s| !(s.jid == *jid && &*s.stream_id == stream_id));
+        let removed = sessions.len() != before;
+        if sessions.is_empty() {
+            accounts.remove(&bare);
+        }
+        Ok(removed)
+    }
+
+    async fn set_presence(
+        &self,
+        jid: &FullJid,
+        stream_id: &str,
+        priority: i8,
+        presence: Option<Bytes>,
+    ) -> Result<(), RegistryError> {
+        let mut accounts = self.accounts.write();
+        if let Some(s) = accounts.get_mut(&jid.to_bare()).and_then(|v| {
+            v.iter_mut()
+                .find(|s| s.jid == *jid && &*s.stream_id == stream_id)
+        }) {
+            s.priority = priority;
+            s.presence = presence;
+        }
+        Ok(())
+    }
+
+    async fn session(&self, jid: &FullJid) -> Result<Option<SessionRecord>, RegistryError> {
+        let accounts = self.accounts.read();
+        Ok(accounts
+            .get(&jid.to_bare())
+            .and_then(|v| v.iter().find(|s| s.jid == *jid))
+            .cloned())
+    }
+
+    async fn sessions(&self, bare: &BareJid) -> Result<Vec<SessionRecord>, RegistryError> {
+        Ok(self.accounts.read().get(bare).cloned().unwrap_or_default())
+    }
+
+    async fn remove_node(&self, node: &str) -> Result<Vec<SessionRecord>, RegistryError> {
+        let mut removed = Vec::new();
+        let mut accounts = self.accounts.write();
+        accounts.retain(|_, sessions| {
+            sessions.retain(|s| {
+                if &*s.node == node {
+                    removed.push(s.clone());
+                    false
+                } else {
+                    true
+                }
+            });
+            !sessions.is_empty()
+        });
+        Ok(removed)
+    }
+
+    async fn count(&self) -> Result<usize, RegistryError> {
+        Ok(self.accounts.read().values().map(Vec::len).sum())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn rec(jid: &str, node: &str, stream: &str) -> SessionRecord {
+        SessionRecord::new(
+            starling_xmpp::jid::parse_full(jid).unwrap(),
+            Arc::from(node),
+            Arc::from(stream),
+        )
+    }
+
+    #[tokio::test]
+    async fn bind_replace_unbind() {
+        let reg = LocalRegistry::new(2);
+        assert_eq!(
+            reg.bind(rec("a@x/1", "e1", "s1")).await,
+            Ok(BindOutcome::Bound)
+        );
+        assert_eq!(
+            reg.bind(rec("a@x/2", "e1", "s2")).await,
+            Ok(BindOutcome::Bound)
+        );
+        assert_eq!(
+            reg.bind(rec("a@x/3", "e1", "s3")).await,
+            Err(RegistryError::LimitReached)
+        );
+        // Same resource again: the new session wins and the old one is handed back.
+        let outcome = reg.bind(rec("a@x/1", "e2", "s4")).await.unwrap();
+        assert_eq!(outcome, BindOutcome::Replaced(rec("a@x/1", "e1", "s1")));
+        // The replaced session's late unbind does not remove its successor.
+        let jid = starling_xmpp::jid::parse_full("a@x/1").unwrap();
+        assert_eq!(reg.unbind(&jid, "s1").await, Ok(false));
+        assert_eq!(
+            reg.session(&jid).await.unwrap().unwrap().node.as_ref(),
+            "e2"
+        );
+        assert_eq!(reg.unbind(&jid, "s4").await, Ok(true));
+        assert_eq!(reg.count().await, Ok(1));
+    }
+
+    #[tokio::test]
+    async fn presence_and_node_removal() {
+        let reg = LocalRegistry::default();
+        reg.bind(rec("a@x/1", "e1", "s1")).await.unwrap();
+        reg.bind(rec("a@x/2", "e2", "s2")).await.unwrap();
+        reg.bind(rec("b@x/1", "e1", "s3")).await.unwrap();
+        let jid = starling_xmpp::jid::parse_full("a@x/1").unwrap();
+        reg.set_presence(&jid, "s1", 5, Some(Bytes::from_static(b"<presence/>")))
+            .await
+            .unwrap();
+        // A stale stream id changes nothing.
+        reg.set_presence(&jid, "old", 9, None).await.unwrap();
+        let s = reg.session(&jid).await.unwrap().unwrap();
+        assert_eq!((s.priority, s.is_available()), (5, true));
+        let bare = starling_xmpp::jid::parse_bare("a@x").unwrap();
+        assert_eq!(reg.sessions(&bare).await.unwrap().len(), 2);
+        let removed = reg.remove_node("e1").await.unwrap();
+        assert_eq!(removed.len(), 2);
+        assert_eq!(reg.sessions(&bare).await.unwrap().len(), 1);
+        assert_eq!(reg.count().await, Ok(1));
+    }
+}
