@@ -408,10 +408,12 @@ impl State {
                     return Err(nwf("unknown markup after '<!'"));
                 }
             }
-            let xml_decl_possible = self.phase == Phase::Prolog && !self.prolog_seen_markup;
+            // The XML declaration must open the stream: nothing, not even whitespace, before it.
+            let xml_decl_possible =
+                self.phase == Phase::Prolog && !self.prolog_seen_markup && lt == 0;
             if markup.len() >= 2
                 && markup.starts_with(b"<?")
-                && !(xml_decl_possible && b"<?xml ".starts_with(&markup[..markup.len().min(6)]))
+                && !(xml_decl_possible && could_be_xml_declaration(markup))
             {
                 return Err(restricted("processing instruction"));
             }
@@ -469,7 +471,7 @@ impl State {
                     }
                     Ok(Step::Nothing)
                 } else if bytes.iter().all(|b| is_ws(*b)) {
-                    if self.phase == Phase::Prolog && start == 0 {
+                    if self.phase == Phase::Prolog {
                         self.prolog_seen_markup = true;
                     }
                     Ok(Step::Nothing)
@@ -932,7 +934,7 @@ fn incomplete(err: &QError, slice: &[u8]) -> Option<Result<(), FrameError>> {
             // `<?xm` may still become the XML declaration; anything else is a PI.
             let at = memchr::memrchr(b'<', slice).unwrap_or(0);
             let tail = &slice[at..];
-            if b"<?xml ".starts_with(&tail[..tail.len().min(6)]) {
+            if could_be_xml_declaration(tail) {
                 Some(Ok(()))
             } else {
                 Some(Err(restricted("processing instruction")))
@@ -955,6 +957,11 @@ fn incomplete(err: &QError, slice: &[u8]) -> Option<Result<(), FrameError>> {
         }
         _ => None,
     }
+}
+
+/// Whether markup cut short may still become `<?xml` followed by whitespace.
+fn could_be_xml_declaration(markup: &[u8]) -> bool {
+    b"<?xml".starts_with(&markup[..markup.len().min(5)]) && markup.get(5).is_none_or(|b| is_ws(*b))
 }
 
 fn map_error(err: &QError) -> FrameError {

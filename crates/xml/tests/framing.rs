@@ -452,6 +452,8 @@ fn corpus() -> Vec<String> {
         format!("{HEADER}<presence/>stray"),
         format!("{HEADER}<message><body>\u{20AC}&unknown;</body></message>"),
         format!("{HEADER}<message><y a='1'/>\u{FEFF}<body>\u{FEFF}x</body></message>"),
+        format!("<?xml\r\n\tversion='1.0'?>{}<presence/>", &HEADER[21..]),
+        format!("   <?xml version='1.0'?>{}", &HEADER[21..]),
     ]
 }
 
@@ -460,7 +462,7 @@ proptest! {
 
     #[test]
     fn every_split_gives_the_same_frames(
-        which in 0usize..8,
+        which in 0usize..10,
         chunks in proptest::collection::vec(1usize..40, 1..12),
     ) {
         let input = &corpus()[which];
@@ -470,7 +472,7 @@ proptest! {
     }
 
     #[test]
-    fn byte_at_a_time_matches(which in 0usize..8) {
+    fn byte_at_a_time_matches(which in 0usize..10) {
         let input = &corpus()[which];
         let whole = frame_chunks(input.as_bytes(), &[input.len()], Limits::default());
         let split = frame_chunks(input.as_bytes(), &[1], Limits::default());
