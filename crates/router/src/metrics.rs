@@ -1,0 +1,62 @@
+//! The router's metrics. Names start with `starling_router_`:
+//!
+//! - `starling_router_stanzas_total{kind, outcome}`: one increment per stanza the router
+//!   took from a queue; `kind` is `message`, `presence`, `iq` or `other` (`session` for
+//!   session events dropped at shutdown), `outcome` is
+//!   `delivered` (handed to an edge), `handled` (answered by a server module),
+//!   `error:<condition>` (an error went back to the sender) or `dropped` (ignored as the
+//!   RFCs ask, or lost to a link failure; the trace says which).
+//! - `starling_router_queue_depth{worker}`: messages waiting in each worker's queue.
+//! - `starling_router_iq_handler_seconds{module}`: time spent in a module's IQ handler.
+//! - `starling_router_session_events_total{event}`: session starts/ends seen.
+
+use starling_xmpp::StanzaErrorCondition;
+
+/// The counter of routed stanzas.
+pub const STANZAS_TOTAL: &str = "starling_router_stanzas_total";
+/// The gauge of queued messages per worker.
+pub const QUEUE_DEPTH: &str = "starling_router_queue_depth";
+/// The histogram of IQ handler latency per module.
+pub const IQ_HANDLER_SECONDS: &str = "starling_router_iq_handler_seconds";
+/// The counter of session events.
+pub const SESSION_EVENTS_TOTAL: &str = "starling_router_session_events_total";
+
+/// What became of one stanza.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// Handed to the edge(s) of its recipient(s).
+    Delivered,
+    /// Answered by a server module.
+    Handled,
+    /// Bounced to the sender with this condition.
+    Error(StanzaErrorCondition),
+    /// Not delivered and not answered; the reason is for the trace.
+    Dropped(&'static str),
+}
+
+impl Outcome {
+    /// Counts the outcome of a stanza of `kind`.
+    pub(crate) fn record(&self, kind: &'static str) {
+        match self {
+            Outcome::Delivered => {
+                metrics::counter!(STANZAS_TOTAL, "kind" => kind, "outcome" => "delivered")
+                    .increment(1)
+            }
+            Outcome::Handled => {
+                metrics::counter!(STANZAS_TOTAL, "kind" => kind, "outcome" => "handled")
+                    .increment(1)
+            }
+            Outcome::Dropped(_) => {
+                metrics::counter!(STANZAS_TOTAL, "kind" => kind, "outcome" => "dropped")
+                    .increment(1)
+            }
+            // Errors are off the hot path, so the label may be built here.
+            Outcome::Error(condition) => metrics::counter!(
+                STANZAS_TOTAL,
+                "kind" => kind,
+                "outcome" => format!("error:{}", condition.as_str())
+            )
+            .increment(1),
+        }
+    }
+}

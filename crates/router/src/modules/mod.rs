@@ -1,0 +1,237 @@
+//! Server features as modules (CONVENTIONS.md #4): each XEP or RFC area is one type
+//! implementing [`Module`], registered with the router in a list. The router asks the list
+//! who handles an IQ addressed to the server (RFC 6120 §10.3.3, §10.4) and tells every module
+//! about session starts and ends; the disco features (XEP-0030 §3.1) are collected from the
+//! registered modules, so disco can never advertise what is not there.
+//!
+//! Modules now: [`Disco`] (XEP-0030), [`Version`] (XEP-0092), [`Ping`] (XEP-0199),
+//! [`Time`] (XEP-0202), [`Register`] (XEP-0077 after authentication). Roster and presence
+//! (RFC 6121, issue 4) plug in here as further modules: an IQ handler for
+//! `jabber:iq:roster` with [`IqTarget::OwnAccount`], and the session hooks.
+
+mod disco;
+mod ping;
+mod register;
+mod time;
+mod version;
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use starling_cluster::{Edges, EndReason};
+use starling_registry::SessionRegistry;
+use starling_store::Store;
+use starling_xml::Element;
+use starling_xmpp::{BareJid, FullJid, StanzaError, StreamErrorCondition};
+
+use crate::Settings;
+use crate::payload::{self, Payload, PayloadError};
+use crate::stanza::IqType;
+
+pub use disco::Disco;
+pub use ping::Ping;
+pub use register::Register;
+pub use time::Time;
+pub use version::Version;
+
+/// What a router offers its modules: the store, the registry, the edges and the settings.
+pub struct Services {
+    /// Accounts and per-user data.
+    pub store: Arc<dyn Store>,
+    /// Where sessions are.
+    pub registry: Arc<dyn SessionRegistry>,
+    /// How to reach the edges holding them.
+    pub edges: Arc<Edges>,
+    /// The router's settings.
+    pub settings: Settings,
+}
+
+impl std::fmt::Debug for Services {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Services")
+            .field("edges", &self.edges)
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whom an IQ request is addressed to, as far as the server answers it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IqTarget {
+    /// A served domain (or `domain/resource`): the server itself (RFC 6120 §10.4).
+    Server,
+    /// No `to`: the sender's own account, answered by the server on its behalf (RFC 6120
+    /// §10.3.3). The server-level modules answer these as if addressed to the server, as
+    /// clients expect for `<ping/>` and friends.
+    OwnAccount,
+    /// The bare JID of a local account (maybe the sender's own), answered by the server on
+    /// the account's behalf (RFC 6121 §8.5.2.1.3 / RFC 6120 §10.5.3.2).
+    Account(BareJid),
+}
+
+/// An IQ request handed to a module.
+#[derive(Debug, Clone, Copy)]
+pub struct IqRequest<'a> {
+    /// `get` or `set` (results and errors never reach modules).
+    pub kind: IqType,
+    /// The whole stanza, `from` stamped by the edge.
+    pub stanza: &'a Element,
+    /// The local name of the payload element.
+    pub name: &'a str,
+    /// The namespace of the payload element.
+    pub ns: &'a str,
+}
+
+impl IqRequest<'_> {
+    /// Reads the payload one level deep (see [`payload::parse`]).
+    pub fn payload(&self) -> Result<Payload, PayloadError> {
+        payload::parse(&self.stanza.inner(), self.ns)
+    }
+}
+
+/// Everything a module needs to answer one IQ.
+#[derive(Debug, Clone, Copy)]
+pub struct IqContext<'a> {
+    /// The router's services.
+    pub services: &'a Services,
+    /// The features of every registered module, in registration order (for disco).
+    pub features: &'a [&'static str],
+    /// The sender's full JID.
+    pub from: &'a FullJid,
+    /// Whom the IQ is for.
+    pub target: &'a IqTarget,
+    /// The served domain the request concerns (the `to` domain, or the sender's domain
+    /// when there is no `to`).
+    pub domain: &'a str,
+}
+
+/// A module's answer to an IQ request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum IqResult {
+    /// `type='result'` with this payload element (serialised), or empty.
+    Result(Option<Bytes>),
+    /// `type='error'` with this error.
+    Error(StanzaError),
+    /// `type='result'`, and once it is on its way, close every session of `account` with
+    /// the stream error `condition` (XEP-0077 §3.2 after account removal). The result goes
+    /// first so the requesting client sees its request succeed.
+    ResultThenClose {
+        /// The result's payload, if any.
+        payload: Option<Bytes>,
+        /// The account whose sessions are closed.
+        account: BareJid,
+        /// The stream error they are closed with.
+        condition: StreamErrorCondition,
+    },
+}
+
+impl From<StanzaError> for IqResult {
+    fn from(error: StanzaError) -> Self {
+        IqResult::Error(error)
+    }
+}
+
+/// One server feature: the namespaces it answers and what it advertises.
+#[async_trait]
+pub trait Module: Send + Sync + 'static {
+    /// A short name for logs and the handler-latency metric (`disco`, `ping`...).
+    fn name(&self) -> &'static str;
+
+    /// The disco features (XEP-0030 §3.1) this module implements, advertised for the
+    /// server.
+    fn features(&self) -> &[&'static str];
+
+    /// Whether this module answers IQ requests with a payload in namespace `ns` sent to
+    /// `target`.
+    fn handles_iq(&self, target: &IqTarget, ns: &str) -> bool;
+
+    /// Answers one IQ request this module said it handles. Must not panic on anything in
+    /// the stanza; a failure is an [`IqResult::Error`].
+    async fn handle_iq(&self, ctx: &IqContext<'_>, iq: &IqRequest<'_>) -> IqResult;
+
+    /// A resource was bound (extension point for presence and offline delivery, issue 4).
+    async fn session_started(&self, _services: &Services, _jid: &FullJid) {}
+
+    /// A session ended (extension point for unavailable presence broadcast, RFC 6121
+    /// §4.5.2, issue 4).
+    async fn session_ended(&self, _services: &Services, _jid: &FullJid, _reason: &EndReason) {}
+}
+
+/// The registered modules and the features collected from them.
+pub struct ModuleSet {
+    modules: Vec<Arc<dyn Module>>,
+    features: Vec<&'static str>,
+}
+
+impl std::fmt::Debug for ModuleSet {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ModuleSet")
+            .field(
+                "modules",
+                &self.modules.iter().map(|m| m.name()).collect::<Vec<_>>(),
+            )
+            .field("features", &self.features)
+            .finish()
+    }
+}
+
+impl ModuleSet {
+    /// Registers `modules`; a feature advertised by two modules is listed once.
+    pub fn new(modules: Vec<Arc<dyn Module>>) -> Self {
+        let mut features: Vec<&'static str> = Vec::new();
+        for feature in modules.iter().flat_map(|m| m.features().iter().copied()) {
+            if !features.contains(&feature) {
+                features.push(feature);
+            }
+        }
+        ModuleSet { modules, features }
+    }
+
+    /// Every feature of every module, in registration order.
+    pub fn features(&self) -> &[&'static str] {
+        &self.features
+    }
+
+    /// The first module that handles `ns` for `target`.
+    pub fn for_iq(&self, target: &IqTarget, ns: &str) -> Option<&Arc<dyn Module>> {
+        self.modules.iter().find(|m| m.handles_iq(target, ns))
+    }
+
+    /// Every module, in registration order.
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Module>> {
+        self.modules.iter()
+    }
+}
+
+/// The modules of a single-node server now: disco, version, ping, time and register.
+pub fn default_modules() -> Vec<Arc<dyn Module>> {
+    vec![
+        Arc::new(Disco),
+        Arc::new(Version),
+        Arc::new(Ping),
+        Arc::new(Time),
+        Arc::new(Register),
+    ]
+}
+
+/// Whether `target` is one the server-level modules answer: the server itself, or an IQ
+/// without `to`.
+pub(crate) fn is_server_level(target: &IqTarget) -> bool {
+    matches!(target, IqTarget::Server | IqTarget::OwnAccount)
+}
+
+/// The answer to a `set` on a get-only query: `not-allowed`.
+pub(crate) fn get_only() -> IqResult {
+    IqResult::Error(
+        StanzaError::new(starling_xmpp::StanzaErrorCondition::NotAllowed)
+            .with_text("only 'get' is defined for this query"),
+    )
+}
+
+/// The answer to a payload that is not the element the namespace defines: `bad-request`.
+pub(crate) fn bad_request(text: &str) -> IqResult {
+    IqResult::Error(
+        StanzaError::new(starling_xmpp::StanzaErrorCondition::BadRequest).with_text(text),
+    )
+}

@@ -1,0 +1,257 @@
+//! The router's runtime: N worker tasks, each with a bounded queue, and the link edges send
+//! through. A message goes to the worker chosen by the bare JID of its subject, so one
+//! user's stanzas are processed one after another, in the order the edge sent them
+//! (RFC 6120 §10.1).
+//!
+//! **Invariant:** all messages about one bare JID pass through one worker queue.
+//!
+//! A full queue makes the link's `send` wait: backpressure onto the edge, never loss.
+//! Cancellation stops the intake; each worker then drains what is queued (for at most
+//! `drain_timeout`, after which the rest is counted as dropped) and ends.
+
+use std::collections::HashSet;
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use starling_cluster::{Edges, LinkError, RouterLink, ToRouter};
+use starling_registry::SessionRegistry;
+use starling_store::Store;
+use tokio::sync::mpsc;
+use tokio::task::JoinSet;
+use tokio_util::sync::CancellationToken;
+
+use crate::metrics::QUEUE_DEPTH;
+use crate::modules::{self, Module, ModuleSet, Services};
+use crate::routing::Core;
+use crate::stanza::bare_part;
+use crate::{RouterError, Settings};
+
+/// What the router depends on.
+pub struct RouterDeps {
+    /// Accounts and per-user data.
+    pub store: Arc<dyn Store>,
+    /// Where sessions are; the only source of that knowledge.
+    pub registry: Arc<dyn SessionRegistry>,
+    /// The links to the edges; the only way to reach a session.
+    pub edges: Arc<Edges>,
+}
+
+impl std::fmt::Debug for RouterDeps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RouterDeps")
+            .field("edges", &self.edges)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A router, built and not yet running: take its [`link`](Router::link) for the edges,
+/// then [`run`](Router::run) it.
+pub struct Router {
+    core: Arc<Core>,
+    link: Arc<ShardedLink>,
+    receivers: Vec<mpsc::Receiver<ToRouter>>,
+    drain_timeout: Duration,
+}
+
+impl std::fmt::Debug for Router {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Router")
+            .field("workers", &self.receivers.len())
+            .field("modules", self.core.modules())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Router {
+    /// A router with the default modules ([`modules::default_modules`]).
+    pub fn new(settings: Settings, deps: RouterDeps) -> Result<Self, RouterError> {
+        Self::with_modules(settings, deps, modules::default_modules())
+    }
+
+    /// A router with the given modules, in this order (the first that handles an IQ
+    /// answers it; disco lists their features in this order).
+    pub fn with_modules(
+        settings: Settings,
+        deps: RouterDeps,
+        modules: Vec<Arc<dyn Module>>,
+    ) -> Result<Self, RouterError> {
+        if settings.domains.is_empty() {
+            return Err(RouterError::NoDomains);
+        }
+        if settings.workers == 0 {
+            return Err(RouterError::NoWorkers);
+        }
+        if settings.queue_per_worker == 0 {
+            return Err(RouterError::EmptyQueue);
+        }
+        let mut domains = HashSet::with_capacity(settings.domains.len());
+        for domain in &settings.domains {
+            let parsed = starling_xmpp::jid::parse_domain(domain).map_err(|source| {
+                RouterError::InvalidDomain {
+                    domain: domain.clone(),
+                    source,
+                }
+            })?;
+            domains.insert(parsed.as_str().to_owned());
+        }
+        let mut queues = Vec::with_capacity(settings.workers);
+        let mut receivers = Vec::with_capacity(settings.workers);
+        for worker in 0..settings.workers {
+            let (tx, rx) = mpsc::channel(settings.queue_per_worker);
+            queues.push(Queue {
+                tx,
+                label: Arc::from(worker.to_string()),
+            });
+            receivers.push(rx);
+        }
+        let drain_timeout = settings.drain_timeout;
+        let services = Services {
+            store: deps.store,
+            registry: deps.registry,
+            edges: deps.edges,
+            settings,
+        };
+        let core = Core::new(services, ModuleSet::new(modules), domains);
+        Ok(Router {
+            core: Arc::new(core),
+            link: Arc::new(ShardedLink { queues }),
+            receivers,
+            drain_timeout,
+        })
+    }
+
+    /// The link edges send to this router through.
+    pub fn link(&self) -> Arc<dyn RouterLink> {
+        self.link.clone()
+    }
+
+    /// The disco features of the registered modules.
+    pub fn features(&self) -> &[&'static str] {
+        self.core.modules().features()
+    }
+
+    /// Spawns the workers on the current runtime. They run until `cancel` fires (or every
+    /// link is dropped), drain their queues, and end; the set completes when all have.
+    pub fn run(self, cancel: CancellationToken) -> JoinSet<()> {
+        let mut set = JoinSet::new();
+        for (rx, queue) in self.receivers.into_iter().zip(self.link.queues.iter()) {
+            let worker = Worker {
+                core: self.core.clone(),
+                label: queue.label.clone(),
+                drain_timeout: self.drain_timeout,
+            };
+            set.spawn(worker.run(rx, cancel.clone()));
+        }
+        set
+    }
+}
+
+/// One worker's queue, as the link sees it.
+struct Queue {
+    tx: mpsc::Sender<ToRouter>,
+    /// The `worker` label of the queue-depth gauge.
+    label: Arc<str>,
+}
+
+impl Queue {
+    fn report_depth(&self) {
+        let depth = self.tx.max_capacity() - self.tx.capacity();
+        metrics::gauge!(QUEUE_DEPTH, "worker" => self.label.clone()).set(depth as f64);
+    }
+}
+
+/// The router's [`RouterLink`]: picks the worker by the subject's bare JID.
+struct ShardedLink {
+    queues: Vec<Queue>,
+}
+
+impl std::fmt::Debug for ShardedLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardedLink")
+            .field("workers", &self.queues.len())
+            .finish()
+    }
+}
+
+/// The JID whose bare part decides the worker: the sender of a stanza, the session of a
+/// session event, the recipient of an undeliverable stanza.
+fn subject(msg: &ToRouter) -> &str {
+    match msg {
+        ToRouter::Stanza { from, .. } => from.as_str(),
+        ToRouter::SessionStarted { jid } | ToRouter::SessionEnded { jid, .. } => jid.as_str(),
+        ToRouter::Undeliverable { recipient, .. } => recipient.as_str(),
+    }
+}
+
+/// The worker for a bare JID among `n`.
+pub(crate) fn shard(bare: &str, n: usize) -> usize {
+    let mut hasher = DefaultHasher::new();
+    bare.hash(&mut hasher);
+    // The remainder is below `n`, which is a usize.
+    (hasher.finish() % n.max(1) as u64) as usize
+}
+
+#[async_trait]
+impl RouterLink for ShardedLink {
+    async fn send(&self, msg: ToRouter) -> Result<(), LinkError> {
+        let index = shard(bare_part(subject(&msg)), self.queues.len());
+        let Some(queue) = self.queues.get(index) else {
+            return Err(LinkError::Closed);
+        };
+        queue.tx.send(msg).await.map_err(|_| LinkError::Closed)?;
+        queue.report_depth();
+        Ok(())
+    }
+}
+
+struct Worker {
+    core: Arc<Core>,
+    label: Arc<str>,
+    drain_timeout: Duration,
+}
+
+impl Worker {
+    fn report_depth(&self, rx: &mpsc::Receiver<ToRouter>) {
+        metrics::gauge!(QUEUE_DEPTH, "worker" => self.label.clone()).set(rx.len() as f64);
+    }
+
+    async fn run(self, mut rx: mpsc::Receiver<ToRouter>, cancel: CancellationToken) {
+        loop {
+            tokio::select! {
+                biased;
+                () = cancel.cancelled() => break,
+                msg = rx.recv() => match msg {
+                    Some(msg) => {
+                        self.report_depth(&rx);
+                        self.core.handle(msg).await;
+                    }
+                    // Every link is gone: nothing more can arrive.
+                    None => return,
+                },
+            }
+        }
+        // Refuse new messages, then finish what was accepted.
+        rx.close();
+        let drain = async {
+            while let Some(msg) = rx.recv().await {
+                self.report_depth(&rx);
+                self.core.handle(msg).await;
+            }
+        };
+        if tokio::time::timeout(self.drain_timeout, drain)
+            .await
+            .is_err()
+        {
+            let mut lost = 0usize;
+            while let Ok(msg) = rx.try_recv() {
+                Core::record_unhandled(&msg);
+                lost += 1;
+            }
+            tracing::warn!(worker = %self.label, lost, "drain timed out; queued messages dropped");
+        }
+        self.report_depth(&rx);
+        tracing::debug!(worker = %self.label, "router worker stopped");
+    }
+}

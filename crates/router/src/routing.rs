@@ -1,0 +1,580 @@
+//! The routing table: where one stanza goes, for one node (RFC 6120 §10, RFC 6121 §8).
+//!
+//! | `to`                          | message                               | presence          | iq get/set                       |
+//! |-------------------------------|---------------------------------------|-------------------|----------------------------------|
+//! | absent (§10.3)                | as to the sender's bare JID           | issue 4 (dropped) | server modules for the account   |
+//! | served domain (§10.4)         | chat/normal: `service-unavailable`    | issue 4 (dropped) | server modules                   |
+//! | other domain (§10.4.3)        | `remote-server-not-found`             | same              | same                             |
+//! | bare JID (RFC 6121 §8.5.2)    | see [`crate::select`]; none: offline  | issue 4 (dropped) | modules for accounts, else `service-unavailable` |
+//! | full JID, bound (§8.5.3.1)    | delivered                             | delivered         | delivered                        |
+//! | full JID, unbound (§8.5.3.2)  | chat/normal: as to the bare JID       | dropped           | `service-unavailable`            |
+//!
+//! A message to an account that does not exist, or with no resource to take it, gets
+//! `service-unavailable` (§8.5.1, §8.5.2.2: one answer, so presence is not leaked). IQ
+//! results and errors are never answered, and no error is ever answered with an error
+//! (RFC 6120 §8.3.1). An `Undeliverable` from an edge takes the unbound-full-JID row,
+//! leaving out the session that vanished.
+//!
+//! Sessions are found only through the [`SessionRegistry`] and reached only through
+//! [`Edges`], so this code does not care whether a session is in this process.
+//!
+//! Issue 4 plugs in at the places marked `ISSUE 4`: offline storage
+//! ([`Core::no_available_resource`]), presence broadcast, directed presence and
+//! subscriptions (the presence arms of [`Core::route`] and [`Core::fallback_full`]).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Instant;
+
+use starling_cluster::{EdgeLink, ToEdge, ToRouter};
+use starling_registry::{NodeId, SessionRecord};
+use starling_store::BareUser;
+use starling_xml::Element;
+use starling_xmpp::jid::{self, BareJid, FullJid, Jid};
+use starling_xmpp::{StanzaError, StanzaErrorCondition, StreamErrorCondition};
+use tracing::Instrument;
+
+use crate::metrics::{IQ_HANDLER_SECONDS, Outcome, SESSION_EVENTS_TOTAL, STANZAS_TOTAL};
+use crate::modules::{IqContext, IqRequest, IqResult, IqTarget, ModuleSet, Services};
+use crate::select::message_recipients;
+use crate::stanza::{self, IqType, MessageType, StanzaKind};
+
+/// Where a stanza's `to` points.
+#[derive(Debug)]
+enum Dest {
+    /// No `to` (RFC 6120 §10.3).
+    NoTo,
+    /// A served domain, with or without a resource.
+    Server(Jid),
+    /// A domain this server does not serve.
+    Remote(Jid),
+    /// `localpart@served-domain`.
+    Bare(BareJid),
+    /// `localpart@served-domain/resource`.
+    Full(FullJid),
+}
+
+/// The router's shared state: services, modules, served domains.
+pub(crate) struct Core {
+    services: Services,
+    modules: ModuleSet,
+    /// The served domains, normalised.
+    domains: HashSet<String>,
+}
+
+impl Core {
+    pub(crate) fn new(services: Services, modules: ModuleSet, domains: HashSet<String>) -> Self {
+        Core {
+            services,
+            modules,
+            domains,
+        }
+    }
+
+    pub(crate) fn modules(&self) -> &ModuleSet {
+        &self.modules
+    }
+
+    /// Processes one message from an edge.
+    pub(crate) async fn handle(&self, msg: ToRouter) {
+        match msg {
+            ToRouter::Stanza { from, stanza } => self.stanza(from, stanza).await,
+            ToRouter::Undeliverable { recipient, stanza } => {
+                self.undeliverable(recipient, stanza).await
+            }
+            ToRouter::SessionStarted { jid } => {
+                metrics::counter!(SESSION_EVENTS_TOTAL, "event" => "started").increment(1);
+                tracing::debug!(jid = %jid, "session started");
+                for module in self.modules.iter() {
+                    module.session_started(&self.services, &jid).await;
+                }
+            }
+            ToRouter::SessionEnded { jid, reason } => {
+                metrics::counter!(SESSION_EVENTS_TOTAL, "event" => "ended").increment(1);
+                tracing::debug!(jid = %jid, ?reason, "session ended");
+                for module in self.modules.iter() {
+                    module.session_ended(&self.services, &jid, &reason).await;
+                }
+            }
+        }
+    }
+
+    /// Counts a message that was never handled (dropped at shutdown).
+    pub(crate) fn record_unhandled(msg: &ToRouter) {
+        let kind = match msg {
+            ToRouter::Stanza { stanza, .. } | ToRouter::Undeliverable { stanza, .. } => {
+                StanzaKind::of(stanza).map_or("other", StanzaKind::name)
+            }
+            ToRouter::SessionStarted { .. } | ToRouter::SessionEnded { .. } => "session",
+        };
+        Outcome::Dropped("shutdown").record(kind);
+    }
+
+    async fn stanza(&self, from: FullJid, stanza: Element) {
+        let Some(kind) = StanzaKind::of(&stanza) else {
+            tracing::debug!(from = %from, name = stanza.name(), "not a stanza; dropped");
+            metrics::counter!(STANZAS_TOTAL, "kind" => "other", "outcome" => "dropped")
+                .increment(1);
+            return;
+        };
+        let span = tracing::debug_span!(
+            "stanza",
+            from = %from,
+            to = ?stanza.to(),
+            kind = kind.name(),
+            id = ?stanza.id(),
+        );
+        let outcome = self
+            .route(&from, &stanza, kind)
+            .instrument(span.clone())
+            .await;
+        span.in_scope(|| tracing::debug!(?outcome, "routed"));
+        outcome.record(kind.name());
+    }
+
+    async fn undeliverable(&self, recipient: FullJid, stanza: Element) {
+        let Some(kind) = StanzaKind::of(&stanza) else {
+            metrics::counter!(STANZAS_TOTAL, "kind" => "other", "outcome" => "dropped")
+                .increment(1);
+            return;
+        };
+        let span = tracing::debug_span!(
+            "undeliverable",
+            recipient = %recipient,
+            from = ?stanza.from(),
+            kind = kind.name(),
+            id = ?stanza.id(),
+        );
+        let outcome = async {
+            let Some(sender) = stanza.from().and_then(|f| jid::parse(&f).ok()) else {
+                return Outcome::Dropped("undeliverable stanza without a sender");
+            };
+            let reply_from = stanza
+                .to()
+                .and_then(|t| jid::parse(&t).ok())
+                .map_or_else(|| recipient.as_str().to_owned(), |j| j.as_str().to_owned());
+            self.fallback_full(&sender, &stanza, kind, &recipient, true, &reply_from)
+                .await
+        }
+        .instrument(span.clone())
+        .await;
+        span.in_scope(|| tracing::debug!(?outcome, "fallback applied"));
+        outcome.record(kind.name());
+    }
+
+    fn classify(&self, to: Jid) -> Dest {
+        if !self.domains.contains(to.domain().as_str()) {
+            return Dest::Remote(to);
+        }
+        if to.node().is_none() {
+            return Dest::Server(to);
+        }
+        match to.try_into_full() {
+            Ok(full) => Dest::Full(full),
+            Err(bare) => Dest::Bare(bare),
+        }
+    }
+
+    /// The routing table (see the module doc).
+    async fn route(&self, from: &FullJid, stanza: &Element, kind: StanzaKind) -> Outcome {
+        let sender: &Jid = from;
+        let dest = match stanza.to() {
+            None => Dest::NoTo,
+            Some(to) => match jid::parse(&to) {
+                Ok(to) => self.classify(to),
+                Err(e) => {
+                    let domain = from.domain().as_str().to_owned();
+                    return self
+                        .bounce(sender, stanza, kind, &domain, StanzaError::from(e))
+                        .await;
+                }
+            },
+        };
+        if kind == StanzaKind::Iq(None) {
+            let reply_from = match &dest {
+                Dest::NoTo => from.to_bare().as_str().to_owned(),
+                Dest::Server(j) | Dest::Remote(j) => j.as_str().to_owned(),
+                Dest::Bare(j) => j.as_str().to_owned(),
+                Dest::Full(j) => j.as_str().to_owned(),
+            };
+            let error = StanzaError::new(StanzaErrorCondition::BadRequest)
+                .with_text("an IQ's type is get, set, result or error");
+            return self.bounce(sender, stanza, kind, &reply_from, error).await;
+        }
+        match dest {
+            Dest::NoTo => {
+                let bare = from.to_bare();
+                match kind {
+                    // RFC 6120 §10.3.1: as if addressed to the sender's bare JID.
+                    StanzaKind::Message(t) => {
+                        self.message_to_bare(sender, stanza, t, &bare, None, bare.as_str())
+                            .await
+                    }
+                    // ISSUE 4: presence broadcast (RFC 6121 §4.2, §4.4) goes here.
+                    StanzaKind::Presence { .. } => {
+                        Outcome::Dropped("presence broadcast is not implemented yet")
+                    }
+                    StanzaKind::Iq(Some(t)) if t.is_request() => {
+                        let domain = from.domain().as_str().to_owned();
+                        self.server_iq(
+                            from,
+                            stanza,
+                            t,
+                            IqTarget::OwnAccount,
+                            &domain,
+                            bare.as_str(),
+                        )
+                        .await
+                    }
+                    StanzaKind::Iq(_) => Outcome::Dropped("IQ response without a recipient"),
+                }
+            }
+            Dest::Server(to) => match kind {
+                StanzaKind::Iq(Some(t)) if t.is_request() => {
+                    let domain = to.domain().as_str().to_owned();
+                    self.server_iq(from, stanza, t, IqTarget::Server, &domain, to.as_str())
+                        .await
+                }
+                StanzaKind::Iq(_) => Outcome::Dropped("IQ response to the server"),
+                StanzaKind::Message(MessageType::Chat | MessageType::Normal) => {
+                    let error = StanzaError::new(StanzaErrorCondition::ServiceUnavailable);
+                    self.bounce(sender, stanza, kind, to.as_str(), error).await
+                }
+                StanzaKind::Message(_) => Outcome::Dropped("message to the server"),
+                // ISSUE 4: presence to the server (probes, RFC 6121 §4.3) goes here.
+                StanzaKind::Presence { .. } => Outcome::Dropped("presence to the server"),
+            },
+            Dest::Remote(to) => {
+                // No server-to-server routing yet (RFC 6120 §10.4.3).
+                let error = StanzaError::new(StanzaErrorCondition::RemoteServerNotFound);
+                self.bounce(sender, stanza, kind, to.as_str(), error).await
+            }
+            Dest::Bare(to) => match kind {
+                StanzaKind::Message(t) => {
+                    self.message_to_bare(sender, stanza, t, &to, None, to.as_str())
+                        .await
+                }
+                // ISSUE 4: directed presence and subscription requests to a bare JID
+                // (RFC 6121 §3, §4.6) go here.
+                StanzaKind::Presence { .. } => Outcome::Dropped("presence to a bare JID"),
+                StanzaKind::Iq(Some(t)) if t.is_request() => {
+                    let domain = to.domain().as_str().to_owned();
+                    let reply_from = to.as_str().to_owned();
+                    self.server_iq(from, stanza, t, IqTarget::Account(to), &domain, &reply_from)
+                        .await
+                }
+                StanzaKind::Iq(_) => Outcome::Dropped("IQ response to a bare JID"),
+            },
+            Dest::Full(to) => match self.services.registry.session(&to).await {
+                Ok(Some(record)) => {
+                    if self.deliver(&[&record], stanza).await > 0 {
+                        Outcome::Delivered
+                    } else {
+                        self.fallback_full(sender, stanza, kind, &to, true, to.as_str())
+                            .await
+                    }
+                }
+                Ok(None) => {
+                    self.fallback_full(sender, stanza, kind, &to, false, to.as_str())
+                        .await
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "registry lookup failed");
+                    let error = StanzaError::new(StanzaErrorCondition::InternalServerError);
+                    self.bounce(sender, stanza, kind, to.as_str(), error).await
+                }
+            },
+        }
+    }
+
+    /// A stanza for a full JID that has no session (RFC 6121 §8.5.3.2); `vanished` says the
+    /// session was there but could not be reached, so it is left out of any fallback.
+    async fn fallback_full(
+        &self,
+        sender: &Jid,
+        stanza: &Element,
+        kind: StanzaKind,
+        recipient: &FullJid,
+        vanished: bool,
+        reply_from: &str,
+    ) -> Outcome {
+        match kind {
+            // §8.5.3.2.1: chat and normal go to the bare JID.
+            StanzaKind::Message(t @ (MessageType::Chat | MessageType::Normal)) => {
+                let exclude = vanished.then_some(recipient);
+                let bare = recipient.to_bare();
+                self.message_to_bare(sender, stanza, t, &bare, exclude, reply_from)
+                    .await
+            }
+            // §8.5.3.2.1: groupchat and headline may be ignored; error must be.
+            StanzaKind::Message(_) => Outcome::Dropped("message for a resource that is gone"),
+            // §8.5.3.2.2. ISSUE 4: subscription-related presence is handled as if sent to
+            // the bare JID; everything else is ignored.
+            StanzaKind::Presence { .. } => Outcome::Dropped("presence for a resource that is gone"),
+            // §8.5.3.2.3 (RFC 6120 §10.5.3.2).
+            StanzaKind::Iq(_) => {
+                let error = StanzaError::new(StanzaErrorCondition::ServiceUnavailable);
+                self.bounce(sender, stanza, kind, reply_from, error).await
+            }
+        }
+    }
+
+    /// A message for an account's bare JID (RFC 6121 §8.5.2).
+    async fn message_to_bare(
+        &self,
+        sender: &Jid,
+        stanza: &Element,
+        t: MessageType,
+        bare: &BareJid,
+        exclude: Option<&FullJid>,
+        reply_from: &str,
+    ) -> Outcome {
+        let kind = StanzaKind::Message(t);
+        match t {
+            MessageType::Error => return Outcome::Dropped("error message for a bare JID"),
+            // §8.5.2.1.1 and §8.5.2.2.1: never delivered to a bare JID.
+            MessageType::Groupchat => {
+                let error = StanzaError::new(StanzaErrorCondition::ServiceUnavailable);
+                return self.bounce(sender, stanza, kind, reply_from, error).await;
+            }
+            MessageType::Chat | MessageType::Normal | MessageType::Headline => {}
+        }
+        let sessions = match self.services.registry.sessions(bare).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "registry lookup failed");
+                let error = StanzaError::new(StanzaErrorCondition::InternalServerError);
+                return self.bounce(sender, stanza, kind, reply_from, error).await;
+            }
+        };
+        let chosen = message_recipients(&sessions, t, exclude);
+        if !chosen.is_empty() && self.deliver(&chosen, stanza).await > 0 {
+            return Outcome::Delivered;
+        }
+        self.no_available_resource(sender, stanza, t, bare, reply_from)
+            .await
+    }
+
+    /// A message for an account with no resource to take it (RFC 6121 §8.5.2.2.1), or for
+    /// an account that does not exist (§8.5.1): the same answer, so that presence is not
+    /// leaked.
+    async fn no_available_resource(
+        &self,
+        sender: &Jid,
+        stanza: &Element,
+        t: MessageType,
+        bare: &BareJid,
+        reply_from: &str,
+    ) -> Outcome {
+        let kind = StanzaKind::Message(t);
+        if t == MessageType::Headline {
+            return Outcome::Dropped("headline with no resource to take it");
+        }
+        let unavailable = || StanzaError::new(StanzaErrorCondition::ServiceUnavailable);
+        match self.account_exists(bare).await {
+            Ok(true) => {}
+            Ok(false) => {
+                return self
+                    .bounce(sender, stanza, kind, reply_from, unavailable())
+                    .await;
+            }
+            Err(()) => {
+                let error = StanzaError::new(StanzaErrorCondition::InternalServerError);
+                return self.bounce(sender, stanza, kind, reply_from, error).await;
+            }
+        }
+        // ISSUE 4 (offline storage, RFC 6121 §8.5.2.2.1 and XEP-0160): store chat and
+        // normal messages here, within the user's quota, and bounce only when storage is
+        // full or refused. Until then the sender learns the message was not delivered.
+        self.bounce(sender, stanza, kind, reply_from, unavailable())
+            .await
+    }
+
+    /// Whether a local account exists; `Err` when the store could not say.
+    async fn account_exists(&self, bare: &BareJid) -> Result<bool, ()> {
+        let Some(node) = bare.node() else {
+            return Ok(false);
+        };
+        let user = BareUser::new(bare.domain().as_str(), node.as_str());
+        self.services.store.exists(&user).await.map_err(|e| {
+            tracing::warn!(error = %e, "store lookup failed");
+        })
+    }
+
+    /// An IQ request the server answers (RFC 6120 §10.3.3, §10.4, §10.5.3.2) through the
+    /// first module that handles its payload's namespace; `service-unavailable` when none
+    /// does (§8.3.3.19).
+    async fn server_iq(
+        &self,
+        from: &FullJid,
+        stanza: &Element,
+        t: IqType,
+        target: IqTarget,
+        domain: &str,
+        reply_from: &str,
+    ) -> Outcome {
+        let kind = StanzaKind::Iq(Some(t));
+        let Some((name, ns)) = stanza.first_child() else {
+            let error = StanzaError::new(StanzaErrorCondition::BadRequest)
+                .with_text("an IQ request carries exactly one payload");
+            return self.bounce(from, stanza, kind, reply_from, error).await;
+        };
+        let Some(module) = self.modules.for_iq(&target, ns) else {
+            let error = StanzaError::new(StanzaErrorCondition::ServiceUnavailable);
+            return self.bounce(from, stanza, kind, reply_from, error).await;
+        };
+        if let IqTarget::Account(bare) = &target {
+            // §8.5.1: an account that does not exist answers nothing but this.
+            if *bare != from.to_bare() && self.account_exists(bare).await != Ok(true) {
+                let error = StanzaError::new(StanzaErrorCondition::ServiceUnavailable);
+                return self.bounce(from, stanza, kind, reply_from, error).await;
+            }
+        }
+        let ctx = IqContext {
+            services: &self.services,
+            features: self.modules.features(),
+            from,
+            target: &target,
+            domain,
+        };
+        let request = IqRequest {
+            kind: t,
+            stanza,
+            name,
+            ns,
+        };
+        let started = Instant::now();
+        let result = module.handle_iq(&ctx, &request).await;
+        metrics::histogram!(IQ_HANDLER_SECONDS, "module" => module.name())
+            .record(started.elapsed().as_secs_f64());
+        let (payload, close) = match result {
+            IqResult::Error(error) => {
+                return self.bounce(from, stanza, kind, reply_from, error).await;
+            }
+            IqResult::Result(payload) => (payload, None),
+            IqResult::ResultThenClose {
+                payload,
+                account,
+                condition,
+            } => (payload, Some((account, condition))),
+        };
+        match stanza::iq_result(
+            stanza.id().as_deref(),
+            reply_from,
+            from.as_str(),
+            payload.as_deref(),
+        ) {
+            Ok(reply) => {
+                if !self.send_to_full(from, reply).await {
+                    tracing::debug!("the IQ result found no session to go to");
+                }
+            }
+            Err(e) => tracing::error!(error = %e, module = module.name(), "unwritable IQ result"),
+        }
+        if let Some((account, condition)) = close {
+            self.close_sessions(&account, condition).await;
+        }
+        Outcome::Handled
+    }
+
+    /// Sends an error reply for `stanza` to `sender` (RFC 6120 §8.3.1), unless the stanza
+    /// must not be answered with one.
+    async fn bounce(
+        &self,
+        sender: &Jid,
+        stanza: &Element,
+        kind: StanzaKind,
+        reply_from: &str,
+        error: StanzaError,
+    ) -> Outcome {
+        if !kind.may_answer_with_error() {
+            return Outcome::Dropped("errors and IQ responses are never answered with an error");
+        }
+        let Ok(to) = sender.try_as_full() else {
+            return Outcome::Dropped("the sender is not a session to bounce to");
+        };
+        let reply = match stanza::error_reply(
+            kind.name(),
+            stanza.id().as_deref(),
+            reply_from,
+            to.as_str(),
+            &error,
+        ) {
+            Ok(reply) => reply,
+            Err(e) => {
+                tracing::error!(error = %e, "unwritable error reply");
+                return Outcome::Dropped("error reply could not be written");
+            }
+        };
+        if !self.send_to_full(to, reply).await {
+            tracing::debug!("the error reply found no session to go to");
+        }
+        Outcome::Error(error.condition)
+    }
+
+    /// Delivers a server-built stanza to one session; whether it reached its edge.
+    async fn send_to_full(&self, to: &FullJid, stanza: Element) -> bool {
+        match self.services.registry.session(to).await {
+            Ok(Some(record)) => self.deliver(&[&record], &stanza).await > 0,
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(error = %e, "registry lookup failed");
+                false
+            }
+        }
+    }
+
+    /// Hands `stanza` to the edges of `sessions`, one message per edge carrying the payload
+    /// once; returns how many sessions it reached.
+    async fn deliver(&self, sessions: &[&SessionRecord], stanza: &Element) -> usize {
+        let mut by_node: Vec<(&NodeId, Vec<FullJid>)> = Vec::new();
+        for s in sessions {
+            match by_node.iter_mut().find(|(node, _)| **node == s.node) {
+                Some((_, jids)) => jids.push(s.jid.clone()),
+                None => by_node.push((&s.node, vec![s.jid.clone()])),
+            }
+        }
+        let mut reached = 0;
+        for (node, recipients) in by_node {
+            let Some(link) = self.services.edges.get(node) else {
+                tracing::warn!(node = %node, "no link to the edge holding the session");
+                continue;
+            };
+            let count = recipients.len();
+            let msg = ToEdge::Deliver {
+                recipients,
+                stanza: stanza.clone(),
+                stamp_to: false,
+            };
+            match link.send(msg).await {
+                Ok(()) => reached += count,
+                Err(e) => tracing::warn!(node = %node, error = %e, "edge link refused a delivery"),
+            }
+        }
+        reached
+    }
+
+    /// Closes every session of `account` with a stream error (XEP-0077 §3.2).
+    async fn close_sessions(&self, account: &BareJid, condition: StreamErrorCondition) {
+        let sessions = match self.services.registry.sessions(account).await {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, account = %account, "cannot list sessions to close");
+                return;
+            }
+        };
+        for s in sessions {
+            let Some(link): Option<Arc<dyn EdgeLink>> = self.services.edges.get(&s.node) else {
+                tracing::warn!(node = %s.node, "no link to the edge holding the session");
+                continue;
+            };
+            let msg = ToEdge::Close {
+                jid: s.jid.clone(),
+                condition: condition.clone(),
+            };
+            if let Err(e) = link.send(msg).await {
+                tracing::warn!(node = %s.node, error = %e, "edge link refused a close");
+            }
+        }
+    }
+}
