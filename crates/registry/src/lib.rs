@@ -1,15 +1,51 @@
 //! The session and presence registry: which full JID is bound on which edge, with which
-//! stream, priority and last available presence.
+//! stream, priority, last available presence and stream-management resumption id, and which
+//! edges and routers are alive (leases).
 //!
 //! Edges write to it when a resource is bound, changes presence or goes away; routers read
 //! it to decide where a stanza goes. Everything goes through the [`SessionRegistry`] trait,
 //! so the same edge and router code runs over the in-process [`LocalRegistry`] of
-//! `starling serve` and, later, over the Raft-replicated, sharded registry of a cluster.
+//! `starling serve` and over the Raft-replicated, sharded registry of a cluster
+//! ([`RegistryClient`] talking to [`node::RegistryNode`]s).
 //!
 //! It must never hold stanzas or rosters, and never be on the path of a message: a lookup
 //! answers "where", nothing more.
+//!
+//! Map of the replicated registry (see `proto/registry.proto` for the wire API):
+//! - [`shard`]: the stable hash of a bare JID to its shard (one Raft group per shard);
+//! - `state`: the deterministic state machine of one shard (sessions, leases);
+//! - `codec`: openraft 0.9 types and their protobuf form;
+//! - `storage`: the redb log with group commit, vote, snapshots;
+//! - `machine`: openraft's state machine around `state`, with the watch channel;
+//! - `network` / `server`: the Raft transport and the client API over tonic;
+//! - `proposer`: server-side batching of concurrent writes into one entry;
+//! - [`node`]: a registry node (all shards, bootstrap, leases) and [`node::run`];
+//! - [`client`]: the client used by edges and routers.
 
+pub mod client;
+mod codec;
 mod local;
+mod machine;
+mod network;
+pub mod node;
+mod proposer;
+mod server;
+pub mod shard;
+mod state;
+mod storage;
+
+/// The generated protobuf and gRPC types of `proto/registry.proto`.
+#[allow(
+    missing_docs,
+    missing_debug_implementations,
+    unreachable_pub,
+    clippy::all,
+    clippy::pedantic,
+    rust_2018_idioms
+)]
+pub mod pb {
+    tonic::include_proto!("starling.registry.v1");
+}
 
 use std::sync::Arc;
 
@@ -17,7 +53,10 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use starling_xmpp::{BareJid, FullJid};
 
+pub use client::{ClientConfig, ReadMode, RegistryClient};
+pub use codec::{CodecError, MemberId};
 pub use local::LocalRegistry;
+pub use node::{NodeConfig, NodeError, RegistryNode};
 
 /// The name of a node of the cluster (an edge, a router, a registry member).
 pub type NodeId = Arc<str>;
@@ -37,6 +76,8 @@ pub struct SessionRecord {
     /// The last available presence broadcast by the resource, `None` while it has sent no
     /// initial presence or after it went unavailable (RFC 6121 §4.2, §4.5).
     pub presence: Option<Bytes>,
+    /// The XEP-0198 resumption id of the session, `None` while resumption is not enabled.
+    pub resumption: Option<Arc<str>>,
 }
 
 impl SessionRecord {
@@ -48,6 +89,7 @@ impl SessionRecord {
             stream_id,
             priority: 0,
             presence: None,
+            resumption: None,
         }
     }
 
@@ -113,4 +155,35 @@ pub trait SessionRegistry: Send + Sync + 'static {
 
     /// How many sessions are registered, for metrics and admin.
     async fn count(&self) -> Result<usize, RegistryError>;
+
+    /// Records (or clears, with `None`) the XEP-0198 resumption id of a bound session.
+    /// Ignored if the session is no longer the one on `stream_id`; returns whether it matched.
+    async fn set_resumption(
+        &self,
+        jid: &FullJid,
+        stream_id: &str,
+        resumption: Option<Arc<str>>,
+    ) -> Result<bool, RegistryError>;
+
+    /// The session of an account holding a resumption id (XEP-0198 §5: the resuming client
+    /// has authenticated, so its bare JID is known).
+    async fn session_by_resumption(
+        &self,
+        bare: &BareJid,
+        id: &str,
+    ) -> Result<Option<SessionRecord>, RegistryError> {
+        Ok(self
+            .sessions(bare)
+            .await?
+            .into_iter()
+            .find(|s| s.resumption.as_deref() == Some(id)))
+    }
+
+    /// Renews the lease of `node` (an edge or router) for `ttl`. When a lease expires, the
+    /// registry removes the node's sessions. A registry without leases (the in-process one,
+    /// whose sessions die with the process) accepts and ignores it.
+    async fn heartbeat(&self, node: &str, ttl: std::time::Duration) -> Result<(), RegistryError> {
+        let _ = (node, ttl);
+        Ok(())
+    }
 }

@@ -3,6 +3,7 @@
 //! that die with it.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -118,12 +119,30 @@ impl SessionRegistry for LocalRegistry {
     async fn count(&self) -> Result<usize, RegistryError> {
         Ok(self.accounts.read().values().map(Vec::len).sum())
     }
+
+    async fn set_resumption(
+        &self,
+        jid: &FullJid,
+        stream_id: &str,
+        resumption: Option<Arc<str>>,
+    ) -> Result<bool, RegistryError> {
+        let mut accounts = self.accounts.write();
+        match accounts.get_mut(&jid.to_bare()).and_then(|v| {
+            v.iter_mut()
+                .find(|s| s.jid == *jid && &*s.stream_id == stream_id)
+        }) {
+            Some(s) => {
+                s.resumption = resumption;
+                Ok(true)
+            }
+            None => Ok(false),
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Arc;
 
     fn rec(jid: &str, node: &str, stream: &str) -> SessionRecord {
         SessionRecord::new(
@@ -182,5 +201,33 @@ mod tests {
         assert_eq!(removed.len(), 2);
         assert_eq!(reg.sessions(&bare).await.unwrap().len(), 1);
         assert_eq!(reg.count().await, Ok(1));
+    }
+
+    #[tokio::test]
+    async fn resumption_ids() {
+        let reg = LocalRegistry::default();
+        reg.bind(rec("a@x/1", "e1", "s1")).await.unwrap();
+        let jid = starling_xmpp::jid::parse_full("a@x/1").unwrap();
+        let bare = jid.to_bare();
+        assert_eq!(
+            reg.set_resumption(&jid, "old", Some(Arc::from("r"))).await,
+            Ok(false)
+        );
+        assert_eq!(
+            reg.set_resumption(&jid, "s1", Some(Arc::from("r"))).await,
+            Ok(true)
+        );
+        let s = reg
+            .session_by_resumption(&bare, "r")
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(s.jid, jid);
+        assert_eq!(reg.session_by_resumption(&bare, "q").await, Ok(None));
+        // The in-process registry has no leases; a heartbeat is accepted.
+        assert_eq!(
+            reg.heartbeat("e1", std::time::Duration::from_secs(1)).await,
+            Ok(())
+        );
     }
 }

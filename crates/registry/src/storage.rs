@@ -1,0 +1,607 @@
+//! Durable Raft storage on redb: the log, the vote, the committed pointer and the latest
+//! snapshot of every shard of a node, in one database file.
+//!
+//! **Group commit.** One writer thread owns every write to the file. Appends, truncations,
+//! purges and vote changes from all shards queue in one bounded channel; the writer takes
+//! everything queued, writes it in one transaction with `Durability::Immediate` (one fsync),
+//! then acknowledges each request. `RaftLogStorage::append` returns as soon as the entries are
+//! in memory (readable), and openraft learns they are durable through the `LogFlushed`
+//! callback after the shared fsync, so a burst of appends from many shards costs one fsync, not
+//! one each (DESIGN.md, "The registry's throughput comes from batching").
+//!
+//! The unpurged log of each shard is also kept in memory for reads; snapshots bound it.
+
+use std::collections::BTreeMap;
+use std::fmt::Debug;
+use std::ops::RangeBounds;
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use openraft::storage::{LogFlushed, RaftLogStorage};
+use openraft::{
+    AnyError, Entry, LogId, LogState, RaftLogReader, StorageError, StorageIOError, Vote,
+};
+use parking_lot::Mutex;
+use prost::Message;
+use redb::{Database, Durability, ReadableDatabase, TableDefinition};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::codec::{self, MemberId, TypeConfig};
+use crate::pb;
+
+/// Raft log entries by (shard, index), as `pb::Entry`.
+const LOG: TableDefinition<'static, (u32, u64), &[u8]> = TableDefinition::new("raft_log");
+/// Per-shard small values by (shard, key): see the `KEY_*` constants.
+const META: TableDefinition<'static, (u32, &str), &[u8]> = TableDefinition::new("raft_meta");
+/// The latest snapshot data of each shard, as `pb::SnapshotData`.
+const SNAPSHOT: TableDefinition<'static, u32, &[u8]> = TableDefinition::new("snapshot");
+
+const KEY_VOTE: &str = "vote";
+const KEY_COMMITTED: &str = "committed";
+const KEY_PURGED: &str = "purged";
+const KEY_SNAPSHOT_META: &str = "snapshot_meta";
+
+/// Most requests one transaction takes; the rest wait for the next one.
+const MAX_GROUP: usize = 4096;
+
+/// A storage failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// redb failed (I/O, corruption, or the file is open elsewhere).
+    #[error("registry storage: {0}")]
+    Db(String),
+    /// A stored record does not decode.
+    #[error("registry storage: damaged record: {0}")]
+    Corrupt(String),
+    /// The writer thread is gone (shut down or failed).
+    #[error("registry storage is closed")]
+    Closed,
+}
+
+impl StoreError {
+    fn db(e: impl std::fmt::Display) -> Self {
+        StoreError::Db(e.to_string())
+    }
+}
+
+type Ack = oneshot::Sender<Result<(), String>>;
+
+enum DiskOp {
+    Append {
+        shard: u32,
+        entries: Vec<(u64, Vec<u8>)>,
+        done: LogFlushed<TypeConfig>,
+    },
+    Truncate {
+        shard: u32,
+        from: u64,
+        done: Ack,
+    },
+    Purge {
+        shard: u32,
+        upto: u64,
+        log_id: Vec<u8>,
+        done: Ack,
+    },
+    Meta {
+        shard: u32,
+        key: &'static str,
+        value: Vec<u8>,
+        done: Option<Ack>,
+    },
+    Snapshot {
+        shard: u32,
+        meta: Vec<u8>,
+        data: Vec<u8>,
+        done: Ack,
+    },
+    Stop,
+}
+
+/// What is on disk for one shard when a node starts.
+#[derive(Debug, Default)]
+pub(crate) struct LoadedShard {
+    pub(crate) log: BTreeMap<u64, Entry<TypeConfig>>,
+    pub(crate) vote: Option<Vote<MemberId>>,
+    pub(crate) committed: Option<LogId<MemberId>>,
+    pub(crate) purged: Option<LogId<MemberId>>,
+    pub(crate) snapshot: Option<(pb::SnapshotMeta, Vec<u8>)>,
+}
+
+/// The database file of a node and its writer thread.
+#[derive(Debug)]
+pub(crate) struct Disk {
+    tx: mpsc::Sender<DiskOp>,
+    /// Taken by `close`, so the file is released once the writer has stopped.
+    db: Mutex<Option<Arc<Database>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Transactions committed (each one fsync), read by tests.
+    #[cfg_attr(not(test), allow(dead_code))]
+    commits: Arc<AtomicU64>,
+}
+
+impl std::fmt::Debug for DiskOp {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            DiskOp::Append { .. } => "Append",
+            DiskOp::Truncate { .. } => "Truncate",
+            DiskOp::Purge { .. } => "Purge",
+            DiskOp::Meta { .. } => "Meta",
+            DiskOp::Snapshot { .. } => "Snapshot",
+            DiskOp::Stop => "Stop",
+        })
+    }
+}
+
+impl Disk {
+    /// Opens (or creates) the database at `path` and starts the writer thread. `queue` bounds
+    /// the requests waiting for the writer; a full queue makes appends wait (backpressure).
+    pub(crate) fn open(path: &Path, queue: usize) -> Result<Arc<Disk>, StoreError> {
+        let db = Database::create(path).map_err(StoreError::db)?;
+        let txn = db.begin_write().map_err(StoreError::db)?;
+        txn.open_table(LOG).map_err(StoreError::db)?;
+        txn.open_table(META).map_err(StoreError::db)?;
+        txn.open_table(SNAPSHOT).map_err(StoreError::db)?;
+        txn.commit().map_err(StoreError::db)?;
+        let db = Arc::new(db);
+        let (tx, rx) = mpsc::channel(queue.max(1));
+        let writer_db = db.clone();
+        let commits = Arc::new(AtomicU64::new(0));
+        let writer_commits = commits.clone();
+        let writer = std::thread::Builder::new()
+            .name("registry-disk".into())
+            .spawn(move || writer_loop(writer_db, rx, &writer_commits))
+            .map_err(StoreError::db)?;
+        Ok(Arc::new(Disk {
+            tx,
+            db: Mutex::new(Some(db)),
+            writer: Mutex::new(Some(writer)),
+            commits,
+        }))
+    }
+
+    /// Stops the writer after the queued requests and waits for it, releasing the file.
+    pub(crate) async fn close(&self) {
+        let _ = self.tx.send(DiskOp::Stop).await;
+        self.db.lock().take();
+        let handle = self.writer.lock().take();
+        if let Some(h) = handle {
+            let _ = tokio::task::spawn_blocking(move || h.join()).await;
+        }
+    }
+
+    /// Reads what one shard has on disk.
+    pub(crate) fn load_shard(&self, shard: u32) -> Result<LoadedShard, StoreError> {
+        let db = self.db.lock().clone().ok_or(StoreError::Closed)?;
+        let txn = db.begin_read().map_err(StoreError::db)?;
+        let log_t = txn.open_table(LOG).map_err(StoreError::db)?;
+        let meta_t = txn.open_table(META).map_err(StoreError::db)?;
+        let snap_t = txn.open_table(SNAPSHOT).map_err(StoreError::db)?;
+        let mut out = LoadedShard::default();
+        for row in log_t
+            .range((shard, 0)..=(shard, u64::MAX))
+            .map_err(StoreError::db)?
+        {
+            let (k, v) = row.map_err(StoreError::db)?;
+            let e = pb::Entry::decode(v.value()).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            let e = codec::entry_from_pb(e).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+            out.log.insert(k.value().1, e);
+        }
+        let get = |key: &str| -> Result<Option<Vec<u8>>, StoreError> {
+            Ok(meta_t
+                .get((shard, key))
+                .map_err(StoreError::db)?
+                .map(|v| v.value().to_vec()))
+        };
+        let corrupt = |e: prost::DecodeError| StoreError::Corrupt(e.to_string());
+        if let Some(v) = get(KEY_VOTE)? {
+            let v = pb::Vote::decode(v.as_slice()).map_err(corrupt)?;
+            out.vote =
+                Some(codec::vote_from_pb(Some(v)).map_err(|e| StoreError::Corrupt(e.to_string()))?);
+        }
+        if let Some(v) = get(KEY_COMMITTED)? {
+            out.committed = Some(codec::log_id_from_pb(
+                &pb::LogId::decode(v.as_slice()).map_err(corrupt)?,
+            ));
+        }
+        if let Some(v) = get(KEY_PURGED)? {
+            out.purged = Some(codec::log_id_from_pb(
+                &pb::LogId::decode(v.as_slice()).map_err(corrupt)?,
+            ));
+        }
+        if let Some(meta) = get(KEY_SNAPSHOT_META)? {
+            let meta = pb::SnapshotMeta::decode(meta.as_slice()).map_err(corrupt)?;
+            let data = snap_t
+                .get(shard)
+                .map_err(StoreError::db)?
+                .map(|v| v.value().to_vec())
+                .unwrap_or_default();
+            out.snapshot = Some((meta, data));
+        }
+        Ok(out)
+    }
+
+    async fn send(&self, op: DiskOp) -> Result<(), StoreError> {
+        self.tx.send(op).await.map_err(|_| StoreError::Closed)
+    }
+
+    async fn send_and_wait(&self, make: impl FnOnce(Ack) -> DiskOp) -> Result<(), StoreError> {
+        let (tx, rx) = oneshot::channel();
+        self.send(make(tx)).await?;
+        match rx.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(StoreError::Db(e)),
+            Err(_) => Err(StoreError::Closed),
+        }
+    }
+
+    /// Persists a snapshot of `shard` (replacing the previous one) and waits for the fsync.
+    pub(crate) async fn save_snapshot(
+        &self,
+        shard: u32,
+        meta: &pb::SnapshotMeta,
+        data: Vec<u8>,
+    ) -> Result<(), StoreError> {
+        let meta = meta.encode_to_vec();
+        self.send_and_wait(|done| DiskOp::Snapshot {
+            shard,
+            meta,
+            data,
+            done,
+        })
+        .await
+    }
+
+    /// How many transactions the writer has committed.
+    #[cfg(test)]
+    pub(crate) fn commits(&self) -> u64 {
+        self.commits.load(Ordering::Relaxed)
+    }
+}
+
+fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<DiskOp>, commits: &AtomicU64) {
+    let mut group: Vec<DiskOp> = Vec::new();
+    while let Some(first) = rx.blocking_recv() {
+        group.push(first);
+        while group.len() < MAX_GROUP {
+            match rx.try_recv() {
+                Ok(op) => group.push(op),
+                Err(_) => break,
+            }
+        }
+        let stop = group.iter().any(|op| matches!(op, DiskOp::Stop));
+        let started = std::time::Instant::now();
+        let result = write_group(&db, &group).map_err(|e| e.to_string());
+        commits.fetch_add(1, Ordering::Relaxed);
+        metrics::histogram!("starling_registry_disk_commit_seconds")
+            .record(started.elapsed().as_secs_f64());
+        metrics::histogram!("starling_registry_disk_group_size").record(group.len() as f64);
+        metrics::counter!(
+            "starling_registry_disk_commits_total",
+            "outcome" => if result.is_ok() { "ok" } else { "error" }
+        )
+        .increment(1);
+        if let Err(e) = &result {
+            tracing::error!(error = %e, "registry storage commit failed");
+        }
+        for op in group.drain(..) {
+            match op {
+                DiskOp::Append { done, .. } => done
+                    .log_io_completed(result.clone().map_err(|e| std::io::Error::other(e.clone()))),
+                DiskOp::Truncate { done, .. }
+                | DiskOp::Purge { done, .. }
+                | DiskOp::Snapshot { done, .. } => {
+                    let _ = done.send(result.clone());
+                }
+                DiskOp::Meta { done, .. } => {
+                    if let Some(done) = done {
+                        let _ = done.send(result.clone());
+                    }
+                }
+                DiskOp::Stop => {}
+            }
+        }
+        if stop {
+            break;
+        }
+    }
+}
+
+fn write_group(db: &Database, group: &[DiskOp]) -> Result<(), redb::Error> {
+    let mut txn = db.begin_write()?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
+    {
+        let mut log = txn.open_table(LOG)?;
+        let mut meta = txn.open_table(META)?;
+        let mut snap = txn.open_table(SNAPSHOT)?;
+        for op in group {
+            match op {
+                DiskOp::Append { shard, entries, .. } => {
+                    for (index, bytes) in entries {
+                        log.insert((*shard, *index), bytes.as_slice())?;
+                    }
+                }
+                DiskOp::Truncate { shard, from, .. } => {
+                    log.retain_in((*shard, *from)..=(*shard, u64::MAX), |_, _| false)?;
+                }
+                DiskOp::Purge {
+                    shard,
+                    upto,
+                    log_id,
+                    ..
+                } => {
+                    log.retain_in((*shard, 0)..=(*shard, *upto), |_, _| false)?;
+                    meta.insert((*shard, KEY_PURGED), log_id.as_slice())?;
+                }
+                DiskOp::Meta {
+                    shard, key, value, ..
+                } => {
+                    meta.insert((*shard, *key), value.as_slice())?;
+                }
+                DiskOp::Snapshot {
+                    shard,
+                    meta: m,
+                    data,
+                    ..
+                } => {
+                    snap.insert(*shard, data.as_slice())?;
+                    meta.insert((*shard, KEY_SNAPSHOT_META), m.as_slice())?;
+                }
+                DiskOp::Stop => {}
+            }
+        }
+    }
+    txn.commit()?;
+    Ok(())
+}
+
+fn io_err(
+    make: fn(AnyError) -> StorageIOError<MemberId>,
+    e: impl std::fmt::Display,
+) -> StorageError<MemberId> {
+    StorageError::IO {
+        source: make(AnyError::error(e.to_string())),
+    }
+}
+
+#[derive(Debug)]
+struct MemLog {
+    log: BTreeMap<u64, Entry<TypeConfig>>,
+    purged: Option<LogId<MemberId>>,
+    vote: Option<Vote<MemberId>>,
+    committed: Option<LogId<MemberId>>,
+}
+
+/// The Raft log storage of one shard (cheap to clone: clones share the log).
+#[derive(Debug, Clone)]
+pub(crate) struct LogStore {
+    shard: u32,
+    disk: Arc<Disk>,
+    mem: Arc<Mutex<MemLog>>,
+}
+
+impl LogStore {
+    pub(crate) fn new(shard: u32, disk: Arc<Disk>, loaded: &mut LoadedShard) -> Self {
+        LogStore {
+            shard,
+            disk,
+            mem: Arc::new(Mutex::new(MemLog {
+                log: std::mem::take(&mut loaded.log),
+                purged: loaded.purged,
+                vote: loaded.vote,
+                committed: loaded.committed,
+            })),
+        }
+    }
+}
+
+impl RaftLogReader<TypeConfig> for LogStore {
+    async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
+        &mut self,
+        range: RB,
+    ) -> Result<Vec<Entry<TypeConfig>>, StorageError<MemberId>> {
+        let start = range.start_bound().cloned();
+        let end = range.end_bound().cloned();
+        let mem = self.mem.lock();
+        Ok(mem
+            .log
+            .range((start, end))
+            .map(|(_, e)| e.clone())
+            .collect())
+    }
+}
+
+impl RaftLogStorage<TypeConfig> for LogStore {
+    type LogReader = Self;
+
+    async fn get_log_state(&mut self) -> Result<LogState<TypeConfig>, StorageError<MemberId>> {
+        let mem = self.mem.lock();
+        let last = mem
+            .log
+            .values()
+            .next_back()
+            .map(|e| e.log_id)
+            .or(mem.purged);
+        Ok(LogState {
+            last_purged_log_id: mem.purged,
+            last_log_id: last,
+        })
+    }
+
+    async fn get_log_reader(&mut self) -> Self::LogReader {
+        self.clone()
+    }
+
+    async fn save_vote(&mut self, vote: &Vote<MemberId>) -> Result<(), StorageError<MemberId>> {
+        let value = codec::vote_to_pb(vote).encode_to_vec();
+        let shard = self.shard;
+        self.disk
+            .send_and_wait(|done| DiskOp::Meta {
+                shard,
+                key: KEY_VOTE,
+                value,
+                done: Some(done),
+            })
+            .await
+            .map_err(|e| io_err(StorageIOError::write_vote, e))?;
+        self.mem.lock().vote = Some(*vote);
+        Ok(())
+    }
+
+    async fn read_vote(&mut self) -> Result<Option<Vote<MemberId>>, StorageError<MemberId>> {
+        Ok(self.mem.lock().vote)
+    }
+
+    async fn save_committed(
+        &mut self,
+        committed: Option<LogId<MemberId>>,
+    ) -> Result<(), StorageError<MemberId>> {
+        self.mem.lock().committed = committed;
+        if let Some(c) = committed {
+            // Not waited for: the committed pointer only speeds up a restart, and the queue
+            // keeps it in order with the appends.
+            self.disk
+                .send(DiskOp::Meta {
+                    shard: self.shard,
+                    key: KEY_COMMITTED,
+                    value: codec::log_id_to_pb(&c).encode_to_vec(),
+                    done: None,
+                })
+                .await
+                .map_err(|e| io_err(StorageIOError::write, e))?;
+        }
+        Ok(())
+    }
+
+    async fn read_committed(&mut self) -> Result<Option<LogId<MemberId>>, StorageError<MemberId>> {
+        Ok(self.mem.lock().committed)
+    }
+
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError<MemberId>>
+    where
+        I: IntoIterator<Item = Entry<TypeConfig>> + Send,
+        I::IntoIter: Send,
+    {
+        let mut encoded = Vec::new();
+        {
+            let mut mem = self.mem.lock();
+            for e in entries {
+                encoded.push((e.log_id.index, codec::entry_to_pb(&e).encode_to_vec()));
+                mem.log.insert(e.log_id.index, e);
+            }
+        }
+        metrics::counter!("starling_registry_log_appended_entries_total")
+            .increment(encoded.len() as u64);
+        self.disk
+            .send(DiskOp::Append {
+                shard: self.shard,
+                entries: encoded,
+                done: callback,
+            })
+            .await
+            .map_err(|e| io_err(StorageIOError::write_logs, e))
+    }
+
+    async fn truncate(&mut self, log_id: LogId<MemberId>) -> Result<(), StorageError<MemberId>> {
+        {
+            let mut mem = self.mem.lock();
+            let _ = mem.log.split_off(&log_id.index);
+        }
+        let shard = self.shard;
+        self.disk
+            .send_and_wait(|done| DiskOp::Truncate {
+                shard,
+                from: log_id.index,
+                done,
+            })
+            .await
+            .map_err(|e| io_err(StorageIOError::write_logs, e))
+    }
+
+    async fn purge(&mut self, log_id: LogId<MemberId>) -> Result<(), StorageError<MemberId>> {
+        {
+            let mut mem = self.mem.lock();
+            let keep = mem.log.split_off(&log_id.index.saturating_add(1));
+            mem.log = keep;
+            mem.purged = Some(log_id);
+        }
+        let shard = self.shard;
+        let bytes = codec::log_id_to_pb(&log_id).encode_to_vec();
+        self.disk
+            .send_and_wait(|done| DiskOp::Purge {
+                shard,
+                upto: log_id.index,
+                log_id: bytes,
+                done,
+            })
+            .await
+            .map_err(|e| io_err(StorageIOError::write_logs, e))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn temp_dir(name: &str) -> std::path::PathBuf {
+        let dir = std::env::temp_dir().join(format!(
+            "starling-registry-{name}-{}-{}",
+            std::process::id(),
+            crate::proposer::now_ms()
+        ));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    #[tokio::test]
+    async fn group_commit_shares_fsyncs_and_survives_reopen() {
+        let dir = temp_dir("disk");
+        let path = dir.join("r.redb");
+        let disk = Disk::open(&path, 8192).unwrap();
+        let before = disk.commits();
+        // Many writes queued back to back, from two shards: the writer takes them together.
+        for i in 0..2000u64 {
+            let shard = u32::try_from(i % 2).unwrap();
+            let value = codec::log_id_to_pb(&LogId::new(openraft::CommittedLeaderId::new(1, 1), i))
+                .encode_to_vec();
+            disk.send(DiskOp::Meta {
+                shard,
+                key: KEY_COMMITTED,
+                value,
+                done: None,
+            })
+            .await
+            .unwrap();
+        }
+        let vote = Vote::new(7, 3);
+        disk.send_and_wait(|done| DiskOp::Meta {
+            shard: 1,
+            key: KEY_VOTE,
+            value: codec::vote_to_pb(&vote).encode_to_vec(),
+            done: Some(done),
+        })
+        .await
+        .unwrap();
+        let commits = disk.commits() - before;
+        assert!(commits < 200, "{commits} commits for 2001 writes");
+        disk.close().await;
+        drop(disk);
+
+        let disk = Disk::open(&path, 16).unwrap();
+        let s0 = disk.load_shard(0).unwrap();
+        let s1 = disk.load_shard(1).unwrap();
+        assert_eq!(s0.committed.map(|l| l.index), Some(1998));
+        assert_eq!(s1.committed.map(|l| l.index), Some(1999));
+        assert_eq!(s1.vote, Some(vote));
+        assert_eq!(s0.vote, None);
+        disk.close().await;
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}

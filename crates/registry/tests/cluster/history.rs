@@ -1,0 +1,210 @@
+//! A history checker for the registry's key model, a register per full JID (its value: the
+//! stream id of the bound session, or none).
+//!
+//! Clients record every operation with its invoke and complete times and its outcome. The
+//! workload writes each key from one writer, one write at a time, with unique values, and a
+//! writer abandons a key after a failed write (whose outcome is unknown). So the writes of a
+//! key are totally ordered, all acknowledged but perhaps the last. A history is linearizable
+//! for such a register when every read
+//! - returns a value whose write was invoked before the read completed (no reads from the
+//!   future),
+//! - does not return a value overwritten by a write acknowledged before the read was invoked
+//!   (no stale reads),
+//! - and reads ordered in real time see values in write order (no going back),
+//!
+//! and, after the faults, the value of every key is its last acknowledged write or the
+//! unknown write after it: every acknowledged write is present.
+
+use std::collections::HashMap;
+use std::time::Instant;
+
+#[derive(Debug, Clone)]
+pub(crate) struct Write {
+    pub(crate) key: String,
+    pub(crate) value: String,
+    pub(crate) invoke: Instant,
+    pub(crate) complete: Instant,
+    pub(crate) ok: bool,
+}
+
+#[derive(Debug, Clone)]
+pub(crate) struct Read {
+    pub(crate) key: String,
+    pub(crate) value: Option<String>,
+    pub(crate) invoke: Instant,
+    pub(crate) complete: Instant,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct History {
+    pub(crate) writes: Vec<Write>,
+    pub(crate) reads: Vec<Read>,
+}
+
+impl History {
+    /// Checks the history and the final values (read linearizably after the workload).
+    pub(crate) fn check(&self, finals: &HashMap<String, Option<String>>) -> Result<Stats, String> {
+        let mut by_key: HashMap<&str, Vec<&Write>> = HashMap::new();
+        for w in &self.writes {
+            by_key.entry(&w.key).or_default().push(w);
+        }
+        let mut stats = Stats::default();
+        for (key, writes) in &mut by_key {
+            writes.sort_by_key(|w| w.invoke);
+            for pair in writes.windows(2) {
+                if pair[1].invoke < pair[0].complete {
+                    return Err(format!("{key}: workload wrote concurrently"));
+                }
+                if !pair[0].ok {
+                    return Err(format!("{key}: workload wrote after a failed write"));
+                }
+            }
+        }
+        // Position of a value in its key's write order: 0 for none, i+1 for the i-th write.
+        let pos = |key: &str, value: &Option<String>| -> Result<usize, String> {
+            match value {
+                None => Ok(0),
+                Some(v) => by_key
+                    .get(key)
+                    .and_then(|ws| ws.iter().position(|w| &w.value == v))
+                    .map(|i| i + 1)
+                    .ok_or_else(|| format!("{key}: read {v}, which nobody wrote")),
+            }
+        };
+        let mut reads_by_key: HashMap<&str, Vec<(&Read, usize)>> = HashMap::new();
+        for r in &self.reads {
+            let p = pos(&r.key, &r.value)?;
+            let writes = by_key.get(r.key.as_str()).map_or(&[][..], Vec::as_slice);
+            if p > 0 {
+                let w = writes[p - 1];
+                if w.invoke > r.complete {
+                    return Err(format!(
+                        "{}: read {:?} before it was written",
+                        r.key, r.value
+                    ));
+                }
+            }
+            if let Some(next) = writes.get(p)
+                && next.ok
+                && next.complete < r.invoke
+            {
+                return Err(format!(
+                    "{}: stale read {:?}: {} was acknowledged before the read began",
+                    r.key, r.value, next.value
+                ));
+            }
+            reads_by_key.entry(&r.key).or_default().push((r, p));
+            stats.reads += 1;
+        }
+        for (key, reads) in &mut reads_by_key {
+            reads.sort_by_key(|(r, _)| r.invoke);
+            for (i, (a, pa)) in reads.iter().enumerate() {
+                for (b, pb) in &reads[i + 1..] {
+                    if a.complete < b.invoke && pb < pa {
+                        return Err(format!(
+                            "{key}: read {:?} after a read of the later {:?}",
+                            b.value, a.value
+                        ));
+                    }
+                }
+            }
+        }
+        for (key, writes) in &by_key {
+            let last_ok = writes.iter().rposition(|w| w.ok).map_or(0, |i| i + 1);
+            let Some(fin) = finals.get(*key) else {
+                return Err(format!("{key}: no final read"));
+            };
+            let p = pos(key, fin)?;
+            stats.acknowledged += writes.iter().filter(|w| w.ok).count();
+            stats.unknown += writes.iter().filter(|w| !w.ok).count();
+            if p < last_ok {
+                return Err(format!(
+                    "{key}: acknowledged write {} lost (final {fin:?})",
+                    writes[last_ok - 1].value
+                ));
+            }
+            if p > last_ok && (p != last_ok + 1 || writes[p - 1].ok) {
+                return Err(format!("{key}: final value {fin:?} out of order"));
+            }
+        }
+        Ok(stats)
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Stats {
+    pub(crate) acknowledged: usize,
+    pub(crate) unknown: usize,
+    pub(crate) reads: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn t(base: Instant, ms: u64) -> Instant {
+        base + Duration::from_millis(ms)
+    }
+
+    fn w(base: Instant, v: &str, a: u64, b: u64, ok: bool) -> Write {
+        Write {
+            key: "k".into(),
+            value: v.into(),
+            invoke: t(base, a),
+            complete: t(base, b),
+            ok,
+        }
+    }
+
+    fn r(base: Instant, v: Option<&str>, a: u64, b: u64) -> Read {
+        Read {
+            key: "k".into(),
+            value: v.map(str::to_owned),
+            invoke: t(base, a),
+            complete: t(base, b),
+        }
+    }
+
+    #[test]
+    fn checker_accepts_and_rejects() {
+        let b = Instant::now();
+        let writes = vec![
+            w(b, "1", 0, 10, true),
+            w(b, "2", 20, 30, true),
+            w(b, "3", 40, 50, false),
+        ];
+        let finals = |v: &str| HashMap::from([("k".to_owned(), Some(v.to_owned()))]);
+        let good = History {
+            writes: writes.clone(),
+            reads: vec![
+                r(b, None, 0, 5),
+                r(b, Some("1"), 11, 19),
+                r(b, Some("2"), 25, 26),
+                r(b, Some("3"), 45, 60),
+            ],
+        };
+        assert!(good.check(&finals("2")).is_ok());
+        assert!(good.check(&finals("3")).is_ok());
+        // The acknowledged write 2 is lost.
+        assert!(good.check(&finals("1")).is_err());
+        // A stale read: 2 was acknowledged at 30, the read began at 31.
+        let stale = History {
+            writes: writes.clone(),
+            reads: vec![r(b, Some("1"), 31, 35)],
+        };
+        assert!(stale.check(&finals("2")).is_err());
+        // A read from the future.
+        let future = History {
+            writes: writes.clone(),
+            reads: vec![r(b, Some("2"), 12, 15)],
+        };
+        assert!(future.check(&finals("2")).is_err());
+        // Going back: 2 then, later, 1.
+        let back = History {
+            writes,
+            reads: vec![r(b, Some("2"), 21, 22), r(b, Some("1"), 23, 29)],
+        };
+        assert!(back.check(&finals("2")).is_err());
+    }
+}
