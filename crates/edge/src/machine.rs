@@ -1,0 +1,1352 @@
+//! Client stream negotiation as an explicit, sans-IO state machine.
+//!
+//! Frames go in ([`Machine::on_frame`]); bytes for the client come out in a caller-owned
+//! buffer, and an [`Action`] tells the driver what to do next: nothing, run the TLS handshake,
+//! restart the framer, look something up, route a stanza, or close. The results of those
+//! requests come back through `on_*` methods. No I/O, no clock (time is passed in), no task:
+//! the unit tests drive it with strings.
+//!
+//! ```text
+//!            ┌──────────── direct TLS (XEP-0368) ─────────────┐
+//!  AwaitingHeader(Plain) ──► TlsRequired ──<starttls/>──► TlsHandshake ──► AwaitingHeader(Tls)
+//!            │ (require_tls = false)                                           │
+//!            └────────────► PreAuth ◄─────────────────────────────────────────┘
+//!                             │ SASL <success/> (stream restart)
+//!                             ▼
+//!  AwaitingHeader(Authenticated) ──► Authenticated ──bind──► Binding ──► Bound ──► Closed
+//! ```
+//!
+//! What it implements:
+//! - stream headers and features, RFC 6120 §4.3, §4.7 (`to` must be served: `host-unknown`,
+//!   §4.9.3.6; major version 1: `unsupported-version`, §4.7.5, §4.9.3.25);
+//! - STARTTLS, §5.4 (mandatory-to-negotiate when `require_tls`, §5.3.1);
+//! - SASL, §6.4 (mechanisms from `starling_sasl`; XEP-0440 channel-binding types; at most
+//!   `max_attempts_per_stream` failures, then `policy-violation` per §6.4.5; throttling per
+//!   client address and per account with `temporary-auth-failure`, §6.5.11);
+//! - in-band registration before authentication, XEP-0077 §3.1 (and §3.1.1 on repeated
+//!   registration on one stream);
+//! - resource binding, RFC 6120 §7, and the RFC 3921 §3 `session` no-op (RFC 6121 §1.4 keeps
+//!   it as `<optional/>` for old clients);
+//! - stanza checks once bound, §8.1.1.1 (`to` must be a JID: `jid-malformed`), §8.1.2.1
+//!   (`from` is stamped with the full JID), §8.2.3 (IQ `id` and `type`: `bad-request`),
+//!   §4.9.3.24 (anything else at top level: `unsupported-stanza-type`).
+//!
+//! Conditions chosen where the RFC leaves a choice (each documented where it is raised):
+//! - a stanza before authentication is `not-authorized` (§4.9.3.12); any other element than
+//!   `<starttls/>` before mandatory TLS is `policy-violation` (§4.9.3.14, a local policy);
+//! - a top-level element the stream does not know is `unsupported-stanza-type`;
+//! - a stanza other than bind/session before binding is `not-authorized`.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Instant;
+
+use bytes::{BufMut, Bytes, BytesMut};
+use starling_cluster::{EndReason, ToRouter};
+use starling_registry::RegistryError;
+use starling_sasl::{
+    ChannelBindingInfo, HashAlgo, Mechanism, NeedCredentials, SaslFailureReason, SaslServer,
+    ScramCredentials, Step, decode_payload, encode_payload,
+};
+use starling_store::{BareUser, StoreError};
+use starling_xml::writer::{StreamOpen, XmlWriter, write_stream_close, write_stream_open};
+use starling_xml::{Element, Frame, FrameError, Framer, Limits, StreamHeader};
+use starling_xmpp::jid::{self, FullJid};
+use starling_xmpp::{
+    SaslFailure, SaslFailureCondition, StanzaError, StanzaErrorCondition, StanzaErrorType,
+    StreamError, StreamErrorCondition, ns,
+};
+
+use crate::limits::WindowCounter;
+use crate::settings::{AuthSettings, RegistrationSettings};
+use crate::{metrics, xmlread};
+
+/// What every stream of the edge shares: settings the negotiation reads, the SASL server, and
+/// the throttles (which are per client address or account, so shared across streams).
+#[derive(Debug)]
+pub(crate) struct StreamConfig {
+    /// Served domains, normalised.
+    pub(crate) domains: Vec<Arc<str>>,
+    pub(crate) require_tls: bool,
+    pub(crate) auth: AuthSettings,
+    pub(crate) registration: RegistrationSettings,
+    pub(crate) sasl: SaslServer,
+    /// Limits of the framer (element size from `max_stanza_size`).
+    pub(crate) limits: Limits,
+    pub(crate) auth_failures_ip: WindowCounter<IpAddr>,
+    pub(crate) auth_failures_account: WindowCounter<BareUser>,
+    pub(crate) registrations_ip: WindowCounter<IpAddr>,
+}
+
+/// What the driver does after a call into the machine. Output bytes, if any, are already in
+/// the buffer and must be written first.
+#[derive(Debug)]
+pub(crate) enum Action {
+    /// Keep reading.
+    Continue,
+    /// Flush, then run the TLS handshake (no ALPN), start a new framer, and call
+    /// [`Machine::tls_established`]. Bytes buffered before the handshake are discarded
+    /// (RFC 6120 §5.4.3.3).
+    StartTls,
+    /// Flush, then reset the framer: the client opens a new stream (RFC 6120 §6.4.6).
+    Restart,
+    /// Look up the user's credentials and call [`Machine::on_credentials`].
+    LookupCredentials {
+        /// The account.
+        user: BareUser,
+        /// The hash of the mechanism.
+        hash: HashAlgo,
+    },
+    /// Run the PLAIN check (PBKDF2) on a blocking thread and call [`Machine::on_sasl_step`].
+    VerifyPlain {
+        /// The exchange.
+        need: Box<NeedCredentials>,
+        /// The stored credentials, if the account exists.
+        credentials: Option<ScramCredentials>,
+    },
+    /// Create the account (XEP-0077) and call [`Machine::on_registered`].
+    Register {
+        /// The account.
+        user: BareUser,
+        /// Its password, to derive credentials from.
+        password: String,
+    },
+    /// Bind the resource (registry, session table) and call [`Machine::on_bind`].
+    Bind {
+        /// The full JID to bind.
+        jid: FullJid,
+    },
+    /// Send to the router.
+    Route(ToRouter),
+    /// Flush, then close the connection. The buffer ends with `</stream:stream>` when a
+    /// stream was open.
+    Close(EndReason),
+}
+
+/// How a registration attempt ended, as the driver reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum RegisterOutcome {
+    /// The account was created.
+    Created,
+    /// It already exists.
+    Conflict,
+    /// The password is not acceptable (empty or refused by SASLprep).
+    InvalidPassword,
+    /// The store failed.
+    Failed,
+}
+
+/// How a bind ended, as the driver reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum BindOutcome {
+    /// Bound (possibly replacing an older session of the same JID).
+    Bound,
+    /// The registry refused or failed.
+    Failed(RegistryError),
+}
+
+/// Security level reached, which decides the features after the next stream header.
+#[derive(Debug)]
+enum Stage {
+    Plain,
+    Tls(Box<ChannelBindingInfo>),
+    Authenticated(Box<str>),
+}
+
+#[derive(Debug)]
+enum State {
+    /// Waiting for the client's stream header.
+    AwaitingHeader(Stage),
+    /// Plain-text stream where TLS is mandatory: only `<starttls/>` is accepted.
+    TlsRequired,
+    /// `<proceed/>` was written; the driver runs the handshake.
+    TlsHandshake,
+    /// Before authentication: SASL and registration.
+    PreAuth(Box<PreAuth>),
+    /// Authenticated (the localpart), not bound yet.
+    Authenticated(Box<str>),
+    /// A bind is with the driver.
+    Binding(Box<Binding>),
+    /// A resource is bound.
+    Bound(Box<FullJid>),
+    /// The stream is closed; nothing more is read. Keeps the JID that was bound, for the
+    /// driver's cleanup.
+    Closed(Option<Box<FullJid>>),
+}
+
+#[derive(Debug)]
+struct PreAuth {
+    /// `None` on a plain-text stream.
+    tls: Option<ChannelBindingInfo>,
+    sasl: Sasl,
+    /// The id of a registration IQ with the driver.
+    pending_iq: Option<String>,
+}
+
+#[derive(Debug)]
+enum Sasl {
+    Idle,
+    /// `<auth/>` came without an initial response; an empty challenge was sent.
+    AwaitingInitialResponse(Mechanism),
+    /// The credentials lookup is with the driver. `localpart` is `None` when the user name
+    /// cannot be a localpart of this domain (the exchange then fails like a wrong password).
+    LookingUp {
+        need: Box<NeedCredentials>,
+        localpart: Option<Box<str>>,
+    },
+    /// The PLAIN check is with the driver.
+    Verifying {
+        mechanism: Mechanism,
+        localpart: Option<Box<str>>,
+    },
+    /// SCRAM's server-first-message was sent.
+    AwaitingResponse {
+        next: Box<starling_sasl::AwaitingClientFinal>,
+        localpart: Option<Box<str>>,
+    },
+}
+
+#[derive(Debug)]
+struct Binding {
+    jid: FullJid,
+    iq_id: String,
+    localpart: Box<str>,
+}
+
+/// One client connection's negotiation and stanza checks.
+#[derive(Debug)]
+pub(crate) struct Machine {
+    cfg: Arc<StreamConfig>,
+    peer: IpAddr,
+    stream_id: Arc<str>,
+    domain: Option<Arc<str>>,
+    state: State,
+    /// Whether our stream header of the current stream is written (an error must be preceded
+    /// by one, RFC 6120 §4.9.1.2).
+    header_sent: bool,
+    auth_failures: u8,
+    registered: bool,
+}
+
+const TLS_REQUIRED: &[u8] =
+    b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>";
+const TLS_OPTIONAL: &[u8] = b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>";
+const PROCEED: &[u8] = b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>";
+const BIND_FEATURES: &[u8] = b"<bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/>\
+    <session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session>";
+const REGISTER_FEATURE: &[u8] = b"<register xmlns='http://jabber.org/features/iq-register'/>";
+const SASL_CB_NS: &str = "urn:xmpp:sasl-cb:0";
+/// Channel-binding data of a plain-text stream: none.
+static NO_BINDING: std::sync::LazyLock<ChannelBindingInfo> =
+    std::sync::LazyLock::new(ChannelBindingInfo::none);
+const REGISTER_INSTRUCTIONS: &str = "Choose a username and password for use with this service.";
+
+impl Machine {
+    /// A machine for a new connection from `peer`; `direct_tls` holds the channel-binding
+    /// data when TLS came first (XEP-0368).
+    pub(crate) fn new(
+        cfg: Arc<StreamConfig>,
+        peer: IpAddr,
+        direct_tls: Option<ChannelBindingInfo>,
+    ) -> Self {
+        let stage = match direct_tls {
+            Some(cb) => Stage::Tls(Box::new(cb)),
+            None => Stage::Plain,
+        };
+        Machine {
+            cfg,
+            peer,
+            stream_id: random_id(),
+            domain: None,
+            state: State::AwaitingHeader(stage),
+            header_sent: false,
+            auth_failures: 0,
+            registered: false,
+        }
+    }
+
+    /// A framer for this machine's streams: `jabber:client` only, with the stanza size limit.
+    pub(crate) fn framer(&self) -> Framer {
+        let mut framer = Framer::with_limits(self.cfg.limits);
+        framer.allow_content_namespaces(&[ns::JABBER_CLIENT]);
+        framer
+    }
+
+    /// The id of the current stream.
+    pub(crate) fn stream_id(&self) -> &Arc<str> {
+        &self.stream_id
+    }
+
+    /// The bound full JID, once bound (and still after the stream closed).
+    pub(crate) fn bound_jid(&self) -> Option<&FullJid> {
+        match &self.state {
+            State::Bound(jid) | State::Closed(Some(jid)) => Some(jid),
+            _ => None,
+        }
+    }
+
+    fn set_closed(&mut self) {
+        let jid = match std::mem::replace(&mut self.state, State::Closed(None)) {
+            State::Bound(jid) => Some(jid),
+            State::Closed(jid) => jid,
+            _ => None,
+        };
+        self.state = State::Closed(jid);
+    }
+
+    /// Whether SASL has succeeded on this connection.
+    pub(crate) fn is_authenticated(&self) -> bool {
+        matches!(
+            self.state,
+            State::AwaitingHeader(Stage::Authenticated(_))
+                | State::Authenticated(_)
+                | State::Binding(_)
+                | State::Bound(_)
+        )
+    }
+
+    /// Whether a stream is open towards the client, so that whitespace may be written.
+    pub(crate) fn is_stream_open(&self) -> bool {
+        self.header_sent && !matches!(self.state, State::Closed(_) | State::TlsHandshake)
+    }
+
+    /// Whether the stream is closed.
+    pub(crate) fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed(_))
+    }
+
+    /// Handles one frame from the client.
+    pub(crate) fn on_frame(&mut self, frame: Frame, now: Instant, out: &mut Vec<u8>) -> Action {
+        match frame {
+            Frame::StreamOpen(header) => self.on_header(header, out),
+            Frame::Element(el) => self.on_element(el, now, out),
+            Frame::StreamClose => self.on_stream_close(out),
+        }
+    }
+
+    /// The framer refused the input: close with its condition.
+    pub(crate) fn on_frame_error(&mut self, error: &FrameError, out: &mut Vec<u8>) -> Action {
+        let condition = StreamErrorCondition::from_name(error.condition.as_str())
+            .unwrap_or(StreamErrorCondition::NotWellFormed);
+        if condition == StreamErrorCondition::PolicyViolation {
+            metrics::limit_violation("stanza_size");
+        }
+        self.fail(StreamError::new(condition).with_text(error.reason), out)
+    }
+
+    /// Closes the stream with `error` for a reason outside the protocol (timeout, limit,
+    /// shutdown, conflict): writes a header first if none is open, the error, and the close.
+    pub(crate) fn close_with(
+        &mut self,
+        error: StreamError,
+        reason: EndReason,
+        out: &mut Vec<u8>,
+    ) -> Action {
+        if self.is_closed() {
+            return Action::Close(reason);
+        }
+        if !matches!(self.state, State::TlsHandshake) {
+            if !self.header_sent {
+                self.write_header(None, out);
+            }
+            metrics::stream_error(error.condition.as_str());
+            error.write_xml(out);
+            write_stream_close(out);
+        }
+        self.set_closed();
+        Action::Close(reason)
+    }
+
+    /// The TLS handshake after `<proceed/>` succeeded: the client restarts the stream.
+    pub(crate) fn tls_established(&mut self, channel_binding: ChannelBindingInfo) {
+        self.header_sent = false;
+        self.state = State::AwaitingHeader(Stage::Tls(Box::new(channel_binding)));
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Stream headers
+
+    fn on_header(&mut self, header: StreamHeader, out: &mut Vec<u8>) -> Action {
+        // Placeholder until the new state is known; `fail` replaces it with `Closed`.
+        let placeholder = State::AwaitingHeader(Stage::Plain);
+        let stage = match std::mem::replace(&mut self.state, placeholder) {
+            State::AwaitingHeader(stage) => stage,
+            other => {
+                self.state = other;
+                return self.fail(
+                    StreamError::new(StreamErrorCondition::BadFormat)
+                        .with_text("stream header inside the stream"),
+                    out,
+                );
+            }
+        };
+        // RFC 6120 §4.7.2: `to` names the domain; after a restart it must stay the same one.
+        let requested = header
+            .to
+            .as_deref()
+            .and_then(|to| jid::parse_domain(to).ok())
+            .and_then(|d| {
+                self.cfg
+                    .domains
+                    .iter()
+                    .find(|s| s.as_ref() == d.as_str())
+                    .cloned()
+            });
+        let domain = match (requested, &self.domain) {
+            (Some(d), None) => d,
+            (Some(d), Some(prev)) if d == *prev => d,
+            _ => {
+                return self.fail(
+                    StreamError::new(StreamErrorCondition::HostUnknown)
+                        .with_text("this server does not serve that domain"),
+                    out,
+                );
+            }
+        };
+        self.domain = Some(domain);
+        // RFC 6120 §4.7.5: the major version must be 1; a higher minor version is answered
+        // with 1.0. No version at all means a pre-1.0 entity.
+        let version_ok = header
+            .version
+            .as_deref()
+            .and_then(|v| v.split_once('.'))
+            .is_some_and(|(major, minor)| {
+                major.trim_start_matches('0') == "1"
+                    && !minor.is_empty()
+                    && minor.bytes().all(|b| b.is_ascii_digit())
+            });
+        if !version_ok {
+            return self.fail(
+                StreamError::new(StreamErrorCondition::UnsupportedVersion)
+                    .with_text("only XMPP 1.0 is supported"),
+                out,
+            );
+        }
+        self.stream_id = random_id();
+        self.write_header(Some(&header), out);
+        out.extend_from_slice(b"<stream:features>");
+        self.state = match stage {
+            Stage::Plain if self.cfg.require_tls => {
+                out.extend_from_slice(TLS_REQUIRED);
+                State::TlsRequired
+            }
+            Stage::Plain => {
+                out.extend_from_slice(TLS_OPTIONAL);
+                self.write_auth_features(None, out);
+                State::PreAuth(Box::new(PreAuth {
+                    tls: None,
+                    sasl: Sasl::Idle,
+                    pending_iq: None,
+                }))
+            }
+            Stage::Tls(cb) => {
+                self.write_auth_features(Some(&cb), out);
+                State::PreAuth(Box::new(PreAuth {
+                    tls: Some(*cb),
+                    sasl: Sasl::Idle,
+                    pending_iq: None,
+                }))
+            }
+            Stage::Authenticated(localpart) => {
+                out.extend_from_slice(BIND_FEATURES);
+                State::Authenticated(localpart)
+            }
+        };
+        out.extend_from_slice(b"</stream:features>");
+        Action::Continue
+    }
+
+    /// Our stream header: a fresh id, `from` our domain, `to` the client's `from` when it is a
+    /// JID (RFC 6120 §4.7.1), `xml:lang` the client's if it looks like a language tag.
+    fn write_header(&mut self, client: Option<&StreamHeader>, out: &mut Vec<u8>) {
+        let from = self
+            .domain
+            .clone()
+            .or_else(|| self.cfg.domains.first().cloned());
+        let to = client
+            .and_then(|h| h.from.as_deref())
+            .and_then(|f| jid::parse(f).ok());
+        let lang = client
+            .and_then(|h| h.lang.as_deref())
+            .filter(|l| {
+                !l.is_empty()
+                    && l.len() <= 35
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+            })
+            .unwrap_or("en");
+        write_stream_open(
+            out,
+            &StreamOpen {
+                content_ns: ns::JABBER_CLIENT,
+                from: from.as_deref(),
+                to: to.as_ref().map(|j| j.as_str()),
+                id: Some(&self.stream_id),
+                lang: Some(lang),
+            },
+        );
+        self.header_sent = true;
+    }
+
+    fn domain(&self) -> &str {
+        self.domain.as_deref().unwrap_or("")
+    }
+
+    fn registration_allowed(&self, encrypted: bool) -> bool {
+        (encrypted || !self.cfg.require_tls)
+            && self
+                .cfg
+                .registration
+                .mode_for(self.domain())
+                .allows(self.peer)
+    }
+
+    /// `<mechanisms/>`, XEP-0440's `<sasl-channel-binding/>`, and `<register/>`.
+    fn write_auth_features(&self, tls: Option<&ChannelBindingInfo>, out: &mut Vec<u8>) {
+        let none = ChannelBindingInfo::none();
+        let cb = tls.unwrap_or(&none);
+        let mut w = XmlWriter::new(out);
+        w.start("mechanisms").attr("xmlns", ns::SASL);
+        for mechanism in Mechanism::offered(cb, tls.is_some()) {
+            w.text_element("mechanism", mechanism.name());
+        }
+        w.end("mechanisms");
+        if cb.advertises_plus() {
+            w.start("sasl-channel-binding").attr("xmlns", SASL_CB_NS);
+            for kind in cb.types() {
+                w.start("channel-binding").attr("type", kind.name()).empty();
+            }
+            w.end("sasl-channel-binding");
+        }
+        if self.registration_allowed(tls.is_some()) {
+            w.raw(REGISTER_FEATURE);
+        }
+    }
+
+    fn on_stream_close(&mut self, out: &mut Vec<u8>) -> Action {
+        if self.header_sent && !self.is_closed() {
+            write_stream_close(out);
+        }
+        self.set_closed();
+        Action::Close(EndReason::Closed)
+    }
+
+    /// Closes with a stream error caused by what the client sent.
+    fn fail(&mut self, error: StreamError, out: &mut Vec<u8>) -> Action {
+        let reason = EndReason::StreamError(error.condition.clone());
+        self.close_with(error, reason, out)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Elements
+
+    fn on_element(&mut self, el: Element, now: Instant, out: &mut Vec<u8>) -> Action {
+        match &self.state {
+            State::TlsRequired => {
+                if el.name() == "starttls" && el.ns() == ns::TLS {
+                    return self.start_tls(out);
+                }
+                if el.is_stanza() {
+                    return self.not_authorized(out);
+                }
+                self.fail(
+                    StreamError::new(StreamErrorCondition::PolicyViolation)
+                        .with_text("STARTTLS is required"),
+                    out,
+                )
+            }
+            State::PreAuth(_) => self.on_preauth_element(el, now, out),
+            State::Authenticated(_) => self.on_authenticated_element(el, out),
+            State::Bound(_) => self.on_bound_element(el, out),
+            State::AwaitingHeader(_) | State::TlsHandshake | State::Binding(_) => self.fail(
+                StreamError::new(StreamErrorCondition::BadFormat).with_text("element out of order"),
+                out,
+            ),
+            State::Closed(_) => Action::Close(EndReason::Closed),
+        }
+    }
+
+    fn start_tls(&mut self, out: &mut Vec<u8>) -> Action {
+        out.extend_from_slice(PROCEED);
+        self.state = State::TlsHandshake;
+        Action::StartTls
+    }
+
+    /// RFC 6120 §4.9.3.12: a stanza before the stream is authenticated (or bound).
+    fn not_authorized(&mut self, out: &mut Vec<u8>) -> Action {
+        self.fail(
+            StreamError::new(StreamErrorCondition::NotAuthorized)
+                .with_text("authenticate and bind a resource first"),
+            out,
+        )
+    }
+
+    fn unsupported(&mut self, out: &mut Vec<u8>) -> Action {
+        self.fail(
+            StreamError::new(StreamErrorCondition::UnsupportedStanzaType),
+            out,
+        )
+    }
+
+    fn on_preauth_element(&mut self, el: Element, now: Instant, out: &mut Vec<u8>) -> Action {
+        let State::PreAuth(pre) = &self.state else {
+            return Action::Continue;
+        };
+        let encrypted = pre.tls.is_some();
+        match (el.ns(), el.name()) {
+            (ns::TLS, "starttls") if !encrypted => self.start_tls(out),
+            (ns::TLS, _) => self.fail(
+                StreamError::new(StreamErrorCondition::PolicyViolation)
+                    .with_text("TLS is already negotiated"),
+                out,
+            ),
+            (ns::SASL, "auth") => self.on_auth(&el, now, out),
+            (ns::SASL, "response") => self.on_response(&el, now, out),
+            (ns::SASL, "abort") => {
+                if let State::PreAuth(pre) = &mut self.state {
+                    pre.sasl = Sasl::Idle;
+                }
+                self.sasl_failure(SaslFailureReason::Aborted, None, None, now, out)
+            }
+            (ns::JABBER_CLIENT, "iq") if el.first_child() == Some(("query", ns::REGISTER)) => {
+                self.on_register(&el, now, out)
+            }
+            _ if el.is_stanza() => self.not_authorized(out),
+            _ => self.unsupported(out),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // SASL (RFC 6120 §6.4)
+
+    fn on_auth(&mut self, el: &Element, now: Instant, out: &mut Vec<u8>) -> Action {
+        let State::PreAuth(pre) = &mut self.state else {
+            return Action::Continue;
+        };
+        if !matches!(pre.sasl, Sasl::Idle) {
+            // A new <auth/> in the middle of an exchange: that exchange fails.
+            pre.sasl = Sasl::Idle;
+            return self.sasl_failure(SaslFailureReason::MalformedRequest, None, None, now, out);
+        }
+        let encrypted = pre.tls.is_some();
+        let offered = Mechanism::offered(pre.tls.as_ref().unwrap_or(&NO_BINDING), encrypted);
+        let mechanism =
+            xmlread::attribute(el.raw(), "mechanism").and_then(|name| Mechanism::from_name(&name));
+        let mechanism = match mechanism {
+            Some(m) if offered.contains(&m) => m,
+            Some(Mechanism::Plain) if !encrypted => {
+                // §6.5.4: PLAIN needs a protected stream.
+                let reason = SaslFailureReason::EncryptionRequired;
+                return self.sasl_failure(reason, Some(Mechanism::Plain), None, now, out);
+            }
+            _ => {
+                let reason = SaslFailureReason::InvalidMechanism;
+                return self.sasl_failure(reason, None, None, now, out);
+            }
+        };
+        let ip_limit = self.cfg.auth.failures_per_minute_per_ip;
+        if self
+            .cfg
+            .auth_failures_ip
+            .is_limited(&self.peer, ip_limit, now)
+        {
+            return self.throttled(mechanism, out);
+        }
+        let text = xmlread::text(el.raw());
+        let text = text.trim();
+        if text.is_empty() {
+            // §6.4.2: no initial response; ask for it with an empty challenge.
+            if let State::PreAuth(pre) = &mut self.state {
+                pre.sasl = Sasl::AwaitingInitialResponse(mechanism);
+            }
+            XmlWriter::new(out)
+                .start("challenge")
+                .attr("xmlns", ns::SASL)
+                .empty();
+            return Action::Continue;
+        }
+        self.start_exchange(mechanism, text, now, out)
+    }
+
+    fn start_exchange(
+        &mut self,
+        mechanism: Mechanism,
+        text: &str,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Action {
+        let data = match decode_payload(text) {
+            Ok(d) => d,
+            Err(e) => return self.sasl_failure(e.reason(), Some(mechanism), None, now, out),
+        };
+        let State::PreAuth(pre) = &self.state else {
+            return Action::Continue;
+        };
+        let cb = pre.tls.as_ref().unwrap_or(&NO_BINDING);
+        let step = self
+            .cfg
+            .sasl
+            .start(mechanism, cb, Some(self.domain()), &data);
+        self.on_step(step, mechanism, None, now, out)
+    }
+
+    fn on_response(&mut self, el: &Element, now: Instant, out: &mut Vec<u8>) -> Action {
+        let State::PreAuth(pre) = &mut self.state else {
+            return Action::Continue;
+        };
+        let text = xmlread::text(el.raw());
+        let text = text.trim();
+        match std::mem::replace(&mut pre.sasl, Sasl::Idle) {
+            Sasl::AwaitingInitialResponse(mechanism) => {
+                self.start_exchange(mechanism, text, now, out)
+            }
+            Sasl::AwaitingResponse { next, localpart } => {
+                let mechanism = next.mechanism();
+                match decode_payload(text) {
+                    Ok(data) => {
+                        let step = next.client_final(&data);
+                        self.on_step(step, mechanism, Some(localpart), now, out)
+                    }
+                    Err(e) => {
+                        let local = localpart.as_deref();
+                        self.sasl_failure(e.reason(), Some(mechanism), local, now, out)
+                    }
+                }
+            }
+            _ => self.sasl_failure(SaslFailureReason::MalformedRequest, None, None, now, out),
+        }
+    }
+
+    /// The credentials lookup finished.
+    pub(crate) fn on_credentials(
+        &mut self,
+        found: Result<Option<ScramCredentials>, StoreError>,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Action {
+        let State::PreAuth(pre) = &mut self.state else {
+            return Action::Continue;
+        };
+        let Sasl::LookingUp { need, localpart } = std::mem::replace(&mut pre.sasl, Sasl::Idle)
+        else {
+            return Action::Continue;
+        };
+        let mechanism = need.mechanism();
+        let credentials = match found {
+            Ok(c) => c,
+            Err(e) => {
+                // §6.5.11: a server-side problem; the client may retry later.
+                tracing::warn!(error = %e, "credentials lookup failed");
+                let reason = SaslFailureReason::TemporaryAuthFailure;
+                return self.sasl_failure(reason, Some(mechanism), None, now, out);
+            }
+        };
+        if need.is_expensive() {
+            pre.sasl = Sasl::Verifying {
+                mechanism,
+                localpart,
+            };
+            return Action::VerifyPlain { need, credentials };
+        }
+        let step = need.with_credentials(credentials);
+        self.on_step(step, mechanism, Some(localpart), now, out)
+    }
+
+    /// The PLAIN check finished.
+    pub(crate) fn on_sasl_step(&mut self, step: Step, now: Instant, out: &mut Vec<u8>) -> Action {
+        let State::PreAuth(pre) = &mut self.state else {
+            return Action::Continue;
+        };
+        let Sasl::Verifying {
+            mechanism,
+            localpart,
+        } = std::mem::replace(&mut pre.sasl, Sasl::Idle)
+        else {
+            return Action::Continue;
+        };
+        self.on_step(step, mechanism, Some(localpart), now, out)
+    }
+
+    /// One step of the exchange. `localpart` is known once the user name was resolved
+    /// (`Some(None)`: resolved, but not a possible account of this domain).
+    fn on_step(
+        &mut self,
+        step: Step,
+        mechanism: Mechanism,
+        localpart: Option<Option<Box<str>>>,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Action {
+        match step {
+            Step::NeedCredentials(need) => {
+                let localpart = localpart_for(need.username(), self.domain());
+                let user = localpart
+                    .as_deref()
+                    .map(|l| BareUser::new(self.domain(), l));
+                if let Some(user) = &user {
+                    let limit = self.cfg.auth.failures_per_minute_per_account;
+                    if self.cfg.auth_failures_account.is_limited(user, limit, now) {
+                        return self.throttled(mechanism, out);
+                    }
+                }
+                let hash = need.hash();
+                let State::PreAuth(pre) = &mut self.state else {
+                    return Action::Continue;
+                };
+                pre.sasl = Sasl::LookingUp {
+                    need: Box::new(need),
+                    localpart,
+                };
+                match user {
+                    Some(user) => Action::LookupCredentials { user, hash },
+                    // Not a possible account: go on as for an unknown user.
+                    None => self.on_credentials(Ok(None), now, out),
+                }
+            }
+            Step::Challenge { data, next } => {
+                XmlWriter::new(out)
+                    .start("challenge")
+                    .attr("xmlns", ns::SASL)
+                    .text(&encode_payload(&data))
+                    .end("challenge");
+                if let State::PreAuth(pre) = &mut self.state {
+                    pre.sasl = Sasl::AwaitingResponse {
+                        next: Box::new(next),
+                        localpart: localpart.flatten(),
+                    };
+                }
+                Action::Continue
+            }
+            Step::Success {
+                additional_data, ..
+            } => {
+                let Some(localpart) = localpart.flatten() else {
+                    // Cannot happen: a user that is no account never succeeds.
+                    let reason = SaslFailureReason::NotAuthorized;
+                    return self.sasl_failure(reason, Some(mechanism), None, now, out);
+                };
+                metrics::auth(mechanism.name(), "success");
+                let mut w = XmlWriter::new(out);
+                w.start("success").attr("xmlns", ns::SASL);
+                match additional_data {
+                    Some(data) => w.text(&encode_payload(&data)).end("success"),
+                    None => w.empty(),
+                };
+                tracing::debug!(
+                    user = %localpart,
+                    domain = self.domain(),
+                    mechanism = mechanism.name(),
+                    "authenticated"
+                );
+                // §6.4.6: the client restarts the stream; our next header is a new one.
+                self.header_sent = false;
+                self.state = State::AwaitingHeader(Stage::Authenticated(localpart));
+                Action::Restart
+            }
+            Step::Failure { reason, detail } => {
+                tracing::debug!(%reason, detail, mechanism = mechanism.name(), "SASL failure");
+                let local = localpart.flatten();
+                self.sasl_failure(reason, Some(mechanism), local.as_deref(), now, out)
+            }
+        }
+    }
+
+    /// §6.5.11: throttled; the password is not checked.
+    fn throttled(&mut self, mechanism: Mechanism, out: &mut Vec<u8>) -> Action {
+        metrics::auth(mechanism.name(), "throttled");
+        metrics::limit_violation("auth_throttle");
+        tracing::info!(peer = %self.peer, "SASL attempt throttled");
+        if let State::PreAuth(pre) = &mut self.state {
+            pre.sasl = Sasl::Idle;
+        }
+        self.count_attempt(SaslFailureReason::TemporaryAuthFailure, out)
+    }
+
+    /// Writes `<failure/>`, records it for throttling, and closes the stream once the
+    /// per-stream limit is reached (§6.4.5).
+    fn sasl_failure(
+        &mut self,
+        reason: SaslFailureReason,
+        mechanism: Option<Mechanism>,
+        localpart: Option<&str>,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Action {
+        metrics::auth(mechanism.map_or("none", Mechanism::name), reason.as_str());
+        if !matches!(
+            reason,
+            SaslFailureReason::Aborted | SaslFailureReason::TemporaryAuthFailure
+        ) {
+            self.cfg.auth_failures_ip.record(self.peer, now);
+            if reason == SaslFailureReason::NotAuthorized
+                && let Some(local) = localpart
+            {
+                self.cfg
+                    .auth_failures_account
+                    .record(BareUser::new(self.domain(), local), now);
+            }
+        }
+        if let State::PreAuth(pre) = &mut self.state {
+            pre.sasl = Sasl::Idle;
+        }
+        self.count_attempt(reason, out)
+    }
+
+    fn count_attempt(&mut self, reason: SaslFailureReason, out: &mut Vec<u8>) -> Action {
+        let condition = SaslFailureCondition::from_name(reason.as_str())
+            .unwrap_or(SaslFailureCondition::NotAuthorized);
+        SaslFailure::new(condition).write_xml(out);
+        self.auth_failures = self.auth_failures.saturating_add(1);
+        if u32::from(self.auth_failures) >= self.cfg.auth.max_attempts_per_stream {
+            metrics::limit_violation("auth_attempts");
+            return self.fail(
+                StreamError::new(StreamErrorCondition::PolicyViolation)
+                    .with_text("too many failed authentication attempts"),
+                out,
+            );
+        }
+        Action::Continue
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // In-band registration (XEP-0077 §3.1)
+
+    fn on_register(&mut self, el: &Element, now: Instant, out: &mut Vec<u8>) -> Action {
+        let State::PreAuth(pre) = &self.state else {
+            return Action::Continue;
+        };
+        let encrypted = pre.tls.is_some();
+        let id = el.id().map(|s| s.into_owned());
+        let Some(id) = id else {
+            return self.iq_error(None, StanzaErrorCondition::BadRequest.into(), out);
+        };
+        if !self.registration_allowed(encrypted) {
+            metrics::registration("not-allowed");
+            return self.iq_error(Some(&id), StanzaErrorCondition::NotAllowed.into(), out);
+        }
+        match el.stanza_type().as_deref() {
+            Some("get") => {
+                let mut w = XmlWriter::new(out);
+                w.start("iq").attr("type", "result").attr("id", &id);
+                w.start("query").attr("xmlns", ns::REGISTER);
+                w.text_element("instructions", REGISTER_INSTRUCTIONS);
+                w.start("username").empty();
+                w.start("password").empty();
+                w.end("query").end("iq");
+                Action::Continue
+            }
+            Some("set") => self.on_register_set(el, id, now, out),
+            _ => self.iq_error(Some(&id), StanzaErrorCondition::BadRequest.into(), out),
+        }
+    }
+
+    fn on_register_set(
+        &mut self,
+        el: &Element,
+        id: String,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Action {
+        if self.registered {
+            // §3.1.1: one registration per stream.
+            metrics::registration("repeated");
+            return self.iq_error(
+                Some(&id),
+                StanzaError::new(StanzaErrorCondition::NotAcceptable)
+                    .with_text("already registered on this stream"),
+                out,
+            );
+        }
+        let limit = self.cfg.registration.per_minute_per_ip;
+        if self.cfg.registrations_ip.is_limited(&self.peer, limit, now) {
+            metrics::registration("throttled");
+            metrics::limit_violation("registration_throttle");
+            return self.iq_error(
+                Some(&id),
+                StanzaError::new(StanzaErrorCondition::ResourceConstraint)
+                    .with_type(StanzaErrorType::Wait),
+                out,
+            );
+        }
+        self.cfg.registrations_ip.record(self.peer, now);
+        let fields = xmlread::grandchildren(el.raw());
+        if fields.iter().any(|f| f.name == "remove") {
+            // Removing an account needs an authenticated stream (§3.2).
+            return self.iq_error(Some(&id), StanzaErrorCondition::NotAuthorized.into(), out);
+        }
+        let field = |name: &str| {
+            fields
+                .iter()
+                .find(|f| f.name == name)
+                .map(|f| f.text.as_str())
+                .filter(|t| !t.is_empty())
+        };
+        let (Some(username), Some(password)) = (field("username"), field("password")) else {
+            metrics::registration("not-acceptable");
+            return self.iq_error(
+                Some(&id),
+                StanzaError::new(StanzaErrorCondition::NotAcceptable)
+                    .with_text("username and password are required"),
+                out,
+            );
+        };
+        let Some(localpart) = localpart_for(username, self.domain()) else {
+            metrics::registration("not-acceptable");
+            return self.iq_error(
+                Some(&id),
+                StanzaError::new(StanzaErrorCondition::NotAcceptable)
+                    .with_text("the username is not a valid localpart"),
+                out,
+            );
+        };
+        let password = password.to_owned();
+        let user = BareUser::new(self.domain(), &*localpart);
+        if let State::PreAuth(pre) = &mut self.state {
+            pre.pending_iq = Some(id);
+        }
+        Action::Register { user, password }
+    }
+
+    /// The account creation finished.
+    pub(crate) fn on_registered(&mut self, outcome: RegisterOutcome, out: &mut Vec<u8>) -> Action {
+        let State::PreAuth(pre) = &mut self.state else {
+            return Action::Continue;
+        };
+        let Some(id) = pre.pending_iq.take() else {
+            return Action::Continue;
+        };
+        let error = match outcome {
+            RegisterOutcome::Created => {
+                metrics::registration("created");
+                self.registered = true;
+                XmlWriter::new(out)
+                    .start("iq")
+                    .attr("type", "result")
+                    .attr("id", &id)
+                    .empty();
+                return Action::Continue;
+            }
+            RegisterOutcome::Conflict => {
+                metrics::registration("conflict");
+                StanzaError::new(StanzaErrorCondition::Conflict)
+            }
+            RegisterOutcome::InvalidPassword => {
+                metrics::registration("not-acceptable");
+                StanzaError::new(StanzaErrorCondition::NotAcceptable)
+                    .with_text("the password is not acceptable")
+            }
+            RegisterOutcome::Failed => {
+                metrics::registration("error");
+                StanzaError::new(StanzaErrorCondition::InternalServerError)
+            }
+        };
+        self.iq_error(Some(&id), error, out)
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Resource binding (RFC 6120 §7)
+
+    fn on_authenticated_element(&mut self, el: Element, out: &mut Vec<u8>) -> Action {
+        if el.name() == "iq" && el.ns() == ns::JABBER_CLIENT {
+            match el.first_child() {
+                Some(("bind", ns::BIND)) => return self.on_bind_iq(&el, out),
+                Some(("session", ns::SESSION)) => return self.on_session_iq(&el, out),
+                _ => {}
+            }
+        }
+        if el.is_stanza() {
+            return self.not_authorized(out);
+        }
+        self.unsupported(out)
+    }
+
+    fn on_bind_iq(&mut self, el: &Element, out: &mut Vec<u8>) -> Action {
+        let id = el.id().map(|s| s.into_owned());
+        let (Some(id), Some("set")) = (id, el.stanza_type().as_deref()) else {
+            let id = el.id().map(|s| s.into_owned());
+            return self.iq_error(id.as_deref(), StanzaErrorCondition::BadRequest.into(), out);
+        };
+        let State::Authenticated(localpart) =
+            std::mem::replace(&mut self.state, State::Closed(None))
+        else {
+            return Action::Continue;
+        };
+        let requested = xmlread::grandchildren(el.raw())
+            .into_iter()
+            .find(|f| f.name == "resource")
+            .map(|f| f.text)
+            .filter(|r| !r.is_empty());
+        let resource = requested.unwrap_or_else(|| random_id().to_string());
+        let full = format!("{localpart}@{}/{resource}", self.domain());
+        let jid = match jid::parse_full(&full) {
+            Ok(jid)
+                if jid.node().map(|n| n.as_str()) == Some(&*localpart)
+                    && jid.domain().as_str() == self.domain() =>
+            {
+                jid
+            }
+            _ => {
+                self.state = State::Authenticated(localpart);
+                metrics::bind("bad-request");
+                return self.iq_error(
+                    Some(&id),
+                    StanzaError::new(StanzaErrorCondition::BadRequest)
+                        .with_text("the resource is not valid"),
+                    out,
+                );
+            }
+        };
+        self.state = State::Binding(Box::new(Binding {
+            jid: jid.clone(),
+            iq_id: id,
+            localpart,
+        }));
+        Action::Bind { jid }
+    }
+
+    /// The bind finished.
+    pub(crate) fn on_bind(&mut self, outcome: BindOutcome, out: &mut Vec<u8>) -> Action {
+        let State::Binding(binding) = std::mem::replace(&mut self.state, State::Closed(None))
+        else {
+            return Action::Continue;
+        };
+        let Binding {
+            jid,
+            iq_id,
+            localpart,
+        } = *binding;
+        match outcome {
+            BindOutcome::Bound => {
+                metrics::bind("bound");
+                let mut w = XmlWriter::new(out);
+                w.start("iq").attr("type", "result").attr("id", &iq_id);
+                w.start("bind").attr("xmlns", ns::BIND);
+                w.text_element("jid", jid.as_str());
+                w.end("bind").end("iq");
+                self.state = State::Bound(Box::new(jid));
+                Action::Continue
+            }
+            BindOutcome::Failed(error) => {
+                self.state = State::Authenticated(localpart);
+                let error = match error {
+                    // §7.6.2.1: too many resources.
+                    RegistryError::LimitReached => {
+                        metrics::bind("resource-constraint");
+                        StanzaError::new(StanzaErrorCondition::ResourceConstraint)
+                            .with_type(StanzaErrorType::Wait)
+                    }
+                    RegistryError::Unavailable(_) => {
+                        metrics::bind("error");
+                        StanzaError::new(StanzaErrorCondition::InternalServerError)
+                            .with_type(StanzaErrorType::Wait)
+                    }
+                };
+                self.iq_error(Some(&iq_id), error, out)
+            }
+        }
+    }
+
+    /// RFC 3921 §3 session establishment, a no-op kept for old clients.
+    fn on_session_iq(&mut self, el: &Element, out: &mut Vec<u8>) -> Action {
+        let id = el.id().map(|s| s.into_owned());
+        match (id, el.stanza_type().as_deref()) {
+            (Some(id), Some("set")) => {
+                XmlWriter::new(out)
+                    .start("iq")
+                    .attr("type", "result")
+                    .attr("id", &id)
+                    .empty();
+                Action::Continue
+            }
+            (id, _) => self.iq_error(id.as_deref(), StanzaErrorCondition::BadRequest.into(), out),
+        }
+    }
+
+    // -----------------------------------------------------------------------------------------
+    // Bound: stanzas to the router
+
+    fn on_bound_element(&mut self, el: Element, out: &mut Vec<u8>) -> Action {
+        let name = el.name();
+        if !(el.ns() == ns::JABBER_CLIENT && matches!(name, "message" | "presence" | "iq")) {
+            return self.unsupported(out);
+        }
+        let is_error = el.stanza_type().as_deref() == Some("error");
+        if name == "iq" {
+            // RFC 6120 §8.2.3: `id` and one of the four types are required, and a request
+            // carries exactly one payload.
+            let type_ = el.stanza_type();
+            let request = matches!(type_.as_deref(), Some("get" | "set"));
+            let valid = request || matches!(type_.as_deref(), Some("result" | "error"));
+            let id = el.id().map(|s| s.into_owned());
+            let for_server = el.to().is_none();
+            match (id, el.first_child()) {
+                (None, _) => {
+                    return self.iq_error(None, StanzaErrorCondition::BadRequest.into(), out);
+                }
+                (Some(id), _) if !valid => {
+                    return self.iq_error(Some(&id), StanzaErrorCondition::BadRequest.into(), out);
+                }
+                (Some(id), None) if request => {
+                    return self.iq_error(Some(&id), StanzaErrorCondition::BadRequest.into(), out);
+                }
+                (Some(_), Some(("session", ns::SESSION))) if request && for_server => {
+                    return self.on_session_iq(&el, out);
+                }
+                (Some(id), Some(("bind", ns::BIND))) if request && for_server => {
+                    // One resource per stream (RFC 6120 §7.7.1 leaves more optional).
+                    return self.iq_error(Some(&id), StanzaErrorCondition::NotAllowed.into(), out);
+                }
+                _ => {}
+            }
+        }
+        let State::Bound(jid) = &self.state else {
+            return Action::Continue;
+        };
+        if let Some(to) = el.to()
+            && let Err(e) = jid::parse(&to)
+        {
+            // §8.3.1: never answer an error with an error.
+            if !is_error {
+                let id = el.id();
+                write_stanza_error(out, name, id.as_deref(), Some(jid.as_str()), e.into());
+            }
+            return Action::Continue;
+        }
+        let jid_str = jid.as_str();
+        let stanza = if el.from().as_deref() == Some(jid_str) {
+            el
+        } else {
+            match reframe(el.with_addresses(None, Some(jid_str)), self.cfg.limits) {
+                Some(stamped) => stamped,
+                None => {
+                    // It uses a prefix declared on the client's stream header, so it cannot
+                    // travel on its own.
+                    if !is_error {
+                        let id = el.id();
+                        let error = StanzaError::new(StanzaErrorCondition::BadRequest)
+                            .with_text("the stanza depends on stream-level declarations");
+                        write_stanza_error(out, name, id.as_deref(), Some(jid_str), error);
+                    }
+                    return Action::Continue;
+                }
+            }
+        };
+        metrics::stanza_received();
+        tracing::debug!(name = stanza.name(), to = ?stanza.to(), "stanza in");
+        Action::Route(ToRouter::Stanza {
+            from: (**jid).clone(),
+            stanza,
+        })
+    }
+
+    /// Answers a stanza the router could not take with `error` (RFC 6120 §8.3), unless it
+    /// was an error itself.
+    pub(crate) fn bounce(&self, stanza: &Element, error: StanzaError, out: &mut Vec<u8>) {
+        if stanza.stanza_type().as_deref() == Some("error") {
+            return;
+        }
+        let id = stanza.id();
+        let to = self.bound_jid().map(|j| j.as_str());
+        let from = stanza.to();
+        let mut payload = Vec::new();
+        error.write_xml(&mut payload);
+        XmlWriter::new(out)
+            .start(stanza.name())
+            .attr("type", "error")
+            .attr_opt("id", id.as_deref())
+            .attr_opt("from", from.as_deref())
+            .attr_opt("to", to)
+            .raw(&payload)
+            .end(stanza.name());
+    }
+
+    fn iq_error(&mut self, id: Option<&str>, error: StanzaError, out: &mut Vec<u8>) -> Action {
+        let to = self.bound_jid().map(|j| j.as_str().to_owned());
+        write_stanza_error(out, "iq", id, to.as_deref(), error);
+        Action::Continue
+    }
+}
+
+/// The localpart of `username@domain` once normalised (RFC 7622), if that is a bare JID of
+/// `domain`.
+pub(crate) fn localpart_for(username: &str, domain: &str) -> Option<Box<str>> {
+    if username.is_empty() || domain.is_empty() {
+        return None;
+    }
+    let jid = jid::parse(&format!("{username}@{domain}")).ok()?;
+    if jid.resource().is_some() || jid.domain().as_str() != domain {
+        return None;
+    }
+    jid.node().map(|n| Box::from(n.as_str()))
+}
+
+/// `<name type='error' id='…' to='…'><error…/></name>`.
+fn write_stanza_error(
+    out: &mut Vec<u8>,
+    name: &str,
+    id: Option<&str>,
+    to: Option<&str>,
+    error: StanzaError,
+) {
+    let mut payload = Vec::new();
+    error.write_xml(&mut payload);
+    XmlWriter::new(out)
+        .start(name)
+        .attr("type", "error")
+        .attr_opt("id", id)
+        .attr_opt("to", to)
+        .raw(&payload)
+        .end(name);
+}
+
+/// Frames a stanza the edge rewrote, with the same limits as the stream it came from.
+/// `None` if it does not stand alone (a prefix declared on the client's stream header).
+fn reframe(xml: Bytes, limits: Limits) -> Option<Element> {
+    const OPEN: &[u8] = b"<stream:stream xmlns='jabber:client' \
+        xmlns:stream='http://etherx.jabber.org/streams'>";
+    let mut framer = Framer::with_limits(Limits {
+        max_element_size: limits.max_element_size.saturating_add(64),
+        ..limits
+    });
+    framer.allow_content_namespaces(&[ns::JABBER_CLIENT]);
+    let mut buf = BytesMut::with_capacity(OPEN.len() + xml.len());
+    buf.put_slice(OPEN);
+    buf.put_slice(&xml);
+    framer.feed(&buf);
+    match framer.next_frame() {
+        Ok(Some(Frame::StreamOpen(_))) => {}
+        _ => return None,
+    }
+    match framer.next_frame() {
+        Ok(Some(Frame::Element(el))) if el.raw().len() == xml.len() => Some(el),
+        _ => None,
+    }
+}
+
+/// A random identifier: 12 bytes as 24 hex digits (stream ids, generated resources).
+pub(crate) fn random_id() -> Arc<str> {
+    let mut raw = [0u8; 12];
+    if getrandom::fill(&mut raw).is_err() {
+        // The OS random source failing is extraordinary; fall back to a counter and the clock,
+        // which stays unique, if predictable, within the process.
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let t = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
+        raw[..8].copy_from_slice(&n.to_le_bytes());
+        raw[8..].copy_from_slice(&t.to_le_bytes()[..4]);
+    }
+    let mut s = String::with_capacity(24);
+    for b in raw {
+        const HEX: &[u8; 16] = b"0123456789abcdef";
+        s.push(char::from(HEX[usize::from(b >> 4)]));
+        s.push(char::from(HEX[usize::from(b & 15)]));
+    }
+    Arc::from(s)
+}
+
+#[cfg(test)]
+#[path = "machine_tests.rs"]
+mod tests;

@@ -1,0 +1,86 @@
+//! The edge's metrics, named in one place (all through the `metrics` facade; the binary
+//! installs the exporter).
+//!
+//! | name | type | labels |
+//! |---|---|---|
+//! | `starling_edge_connections` | gauge | `listener` (`starttls`, `direct_tls`) |
+//! | `starling_edge_sessions` | gauge | |
+//! | `starling_edge_bytes_received_total`, `starling_edge_bytes_sent_total` | counter | |
+//! | `starling_edge_stanzas_received_total`, `starling_edge_stanzas_sent_total` | counter | |
+//! | `starling_edge_stream_errors_total` | counter | `condition` |
+//! | `starling_edge_limit_violations_total` | counter | `kind` |
+//! | `starling_auth_total` | counter | `mechanism`, `outcome` |
+//! | `starling_edge_registrations_total` | counter | `outcome` |
+//! | `starling_edge_binds_total` | counter | `outcome` |
+//! | `starling_edge_undeliverable_total` | counter | |
+//! | `starling_edge_dropped_on_close_total` | counter | |
+//!
+//! TLS handshake failures are counted by the `tls` module
+//! (`starling_tls_handshake_failures_total`).
+
+/// A local limit was hit (`kind`: `rate`, `stanza_size`, `connections_per_ip`, `preauth_timeout`,
+/// `outbound_queue`, `auth_throttle`, `registration_throttle`, `table_full`, `auth_attempts`).
+pub(crate) fn limit_violation(kind: &'static str) {
+    ::metrics::counter!("starling_edge_limit_violations_total", "kind" => kind).increment(1);
+}
+
+/// A stream was closed with a stream error we sent.
+pub(crate) fn stream_error(condition: &'static str) {
+    ::metrics::counter!("starling_edge_stream_errors_total", "condition" => condition).increment(1);
+}
+
+/// A SASL exchange ended.
+pub(crate) fn auth(mechanism: &'static str, outcome: &'static str) {
+    ::metrics::counter!("starling_auth_total", "mechanism" => mechanism, "outcome" => outcome)
+        .increment(1);
+}
+
+/// An in-band registration attempt ended.
+pub(crate) fn registration(outcome: &'static str) {
+    ::metrics::counter!("starling_edge_registrations_total", "outcome" => outcome).increment(1);
+}
+
+/// A resource bind ended.
+pub(crate) fn bind(outcome: &'static str) {
+    ::metrics::counter!("starling_edge_binds_total", "outcome" => outcome).increment(1);
+}
+
+/// Open connections, per listener kind.
+pub(crate) fn connections(listener: &'static str, delta: f64) {
+    ::metrics::gauge!("starling_edge_connections", "listener" => listener).increment(delta);
+}
+
+/// Bound sessions.
+pub(crate) fn sessions(delta: f64) {
+    ::metrics::gauge!("starling_edge_sessions").increment(delta);
+}
+
+/// Bytes read from clients.
+pub(crate) fn bytes_received(n: usize) {
+    ::metrics::counter!("starling_edge_bytes_received_total").increment(n as u64);
+}
+
+/// Bytes written to clients.
+pub(crate) fn bytes_sent(n: usize) {
+    ::metrics::counter!("starling_edge_bytes_sent_total").increment(n as u64);
+}
+
+/// Stanzas received from bound sessions.
+pub(crate) fn stanza_received() {
+    ::metrics::counter!("starling_edge_stanzas_received_total").increment(1);
+}
+
+/// Stanzas written to bound sessions.
+pub(crate) fn stanzas_sent(n: usize) {
+    ::metrics::counter!("starling_edge_stanzas_sent_total").increment(n as u64);
+}
+
+/// A delivery found no session here and went back to the router.
+pub(crate) fn undeliverable() {
+    ::metrics::counter!("starling_edge_undeliverable_total").increment(1);
+}
+
+/// Queued stanzas that could not be written before a session closed.
+pub(crate) fn dropped_on_close(n: usize) {
+    ::metrics::counter!("starling_edge_dropped_on_close_total").increment(n as u64);
+}
