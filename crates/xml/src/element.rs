@@ -101,6 +101,8 @@ pub(crate) struct Envelope {
     pub(crate) start_tag_end: u32,
     /// Offset of the `<` of the end tag; equal to the length for an empty element.
     pub(crate) end_tag_start: u32,
+    /// A prefix in the element resolved to a declaration on the stream header.
+    pub(crate) stream_prefixes: bool,
 }
 
 impl Envelope {
@@ -127,6 +129,7 @@ impl Envelope {
                 .map(|(name, ns)| (name.shifted_back(by), ns.shifted_back(by))),
             start_tag_end: self.start_tag_end - by as u32,
             end_tag_start: self.end_tag_start - by as u32,
+            stream_prefixes: self.stream_prefixes,
         }
     }
 }
@@ -278,6 +281,119 @@ impl Element {
         let mut out = Vec::new();
         self.write_with_addresses(&mut out, to, from);
         Bytes::from(out)
+    }
+
+    /// Like [`Element::with_addresses`], but returns an `Element` whose envelope is moved
+    /// along with the bytes instead of parsed again: the cheap way to stamp `from` on every
+    /// stanza a client sends.
+    pub fn readdressed(&self, to: Option<&str>, from: Option<&str>) -> Element {
+        if to.is_none() && from.is_none() {
+            return self.clone();
+        }
+        let mut out = Vec::new();
+        self.write_with_addresses(&mut out, to, from);
+        let env = &self.env;
+        let name_end = env.qname.end;
+        // What was cut, in order, and how much was inserted right after the name.
+        let mut cuts: Vec<(u32, u32)> = Vec::with_capacity(2);
+        if to.is_some()
+            && let Some(a) = env.to
+        {
+            cuts.push((a.whole_start, a.whole_end() as u32));
+        }
+        if from.is_some()
+            && let Some(a) = env.from
+        {
+            cuts.push((a.whole_start, a.whole_end() as u32));
+        }
+        cuts.sort_unstable();
+        let removed: u32 = cuts.iter().map(|(s, e)| e - s).sum();
+        let inserted = (out.len() + removed as usize - self.raw.len()) as u32;
+        let shift = |off: u32| -> u32 {
+            if off < name_end {
+                return off;
+            }
+            let before: u32 = cuts
+                .iter()
+                .filter(|(_, e)| *e <= off)
+                .map(|(s, e)| e - s)
+                .sum();
+            off + inserted - before
+        };
+        let span = |sp: Span| Span {
+            start: shift(sp.start),
+            end: shift(sp.end),
+        };
+        let value = |v: Value| Value {
+            span: span(v.span),
+            escaped: v.escaped,
+        };
+        let ns = |n: &NsRef| match n {
+            NsRef::Raw(sp) => NsRef::Raw(span(*sp)),
+            other => other.clone(),
+        };
+        // The new attributes sit right after the name: ` from='…'` first, then ` to='…'`.
+        let mut at = name_end;
+        let mut placed = |prefix_len: u32, present: bool| -> Option<AddrAttr> {
+            if !present {
+                return None;
+            }
+            let start = at + prefix_len;
+            let end = start
+                + out[start as usize..]
+                    .iter()
+                    .position(|b| *b == b'\'')
+                    .unwrap_or(0) as u32;
+            at = end + 1;
+            let escaped = out[start as usize..end as usize].contains(&b'&');
+            Some(AddrAttr {
+                whole_start: start - prefix_len,
+                value: Value {
+                    span: Span { start, end },
+                    escaped,
+                },
+            })
+        };
+        let new_from = placed(7, from.is_some());
+        let new_to = placed(5, to.is_some());
+        let new_env = Envelope {
+            qname: env.qname,
+            local_start: env.local_start,
+            ns: ns(&env.ns),
+            to: if to.is_some() {
+                new_to
+            } else {
+                env.to.map(|a| AddrAttr {
+                    whole_start: shift(a.whole_start),
+                    value: value(a.value),
+                })
+            },
+            from: if from.is_some() {
+                new_from
+            } else {
+                env.from.map(|a| AddrAttr {
+                    whole_start: shift(a.whole_start),
+                    value: value(a.value),
+                })
+            },
+            type_: env.type_.map(value),
+            id: env.id.map(value),
+            lang: env.lang.map(value),
+            first_child: env.first_child.as_ref().map(|(n, c)| (span(*n), ns(c))),
+            start_tag_end: shift(env.start_tag_end),
+            end_tag_start: shift(env.end_tag_start),
+            stream_prefixes: env.stream_prefixes,
+        };
+        Element {
+            raw: Bytes::from(out),
+            env: new_env,
+        }
+    }
+
+    /// Whether the element uses a namespace prefix declared on the stream header of the
+    /// stream it came from. Such an element cannot be copied to another stream as it is.
+    pub fn uses_stream_prefixes(&self) -> bool {
+        self.env.stream_prefixes
     }
 
     fn str_at(&self, span: Span) -> &str {

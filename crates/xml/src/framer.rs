@@ -127,6 +127,8 @@ struct State {
     envelope: Option<Envelope>,
     /// Attribute names of the tag being parsed, to find duplicates without allocating.
     seen_attrs: Vec<Span>,
+    /// The current element used a prefix declared on the stream header.
+    stream_prefixes: bool,
 }
 
 /// What one markup event did to the stream.
@@ -193,6 +195,7 @@ impl Framer {
                 decls: Vec::new(),
                 envelope: None,
                 seen_attrs: Vec::new(),
+                stream_prefixes: false,
             },
             failed: None,
         }
@@ -567,6 +570,7 @@ impl State {
         let top_level = self.open.is_empty();
         if top_level {
             self.elem_start = Some(start);
+            self.stream_prefixes = false;
         }
         if self.open.len() + 1 > self.limits.max_depth {
             return Err(policy("element nested deeper than the depth limit"));
@@ -585,6 +589,7 @@ impl State {
             first_child: None,
             start_tag_end: end as u32,
             end_tag_start: end as u32,
+            stream_prefixes: false,
         });
 
         self.seen_attrs.clear();
@@ -724,6 +729,9 @@ impl State {
             return Err(policy("element larger than the size limit"));
         }
         self.decls.clear();
+        if let Some(env) = self.envelope.as_mut() {
+            env.stream_prefixes = self.stream_prefixes;
+        }
         Ok(Step::Element(start, end))
     }
 
@@ -848,7 +856,7 @@ impl State {
     }
 
     /// The namespace a prefix (or, for `None`, the default namespace) is bound to here.
-    fn resolve(&self, buf: &[u8], prefix: Option<&[u8]>) -> Result<NsRef, FrameError> {
+    fn resolve(&mut self, buf: &[u8], prefix: Option<&[u8]>) -> Result<NsRef, FrameError> {
         if prefix == Some(b"xml") {
             return Ok(NsRef::Static(ns::XML));
         }
@@ -867,6 +875,9 @@ impl State {
             .rev()
             .find(|d| d.prefix.as_deref().map(str::as_bytes) == prefix)
             .map(|d| d.uri.clone());
+        if found.is_some() && prefix.is_some() {
+            self.stream_prefixes = true;
+        }
         match (found, prefix) {
             (Some(NsRef::Static("")), None) => Ok(NsRef::Static("")),
             (Some(uri), _) => Ok(uri),
