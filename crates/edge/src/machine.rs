@@ -41,7 +41,6 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
-use bytes::{BufMut, Bytes, BytesMut};
 use starling_cluster::{EndReason, ToRouter};
 use starling_registry::RegistryError;
 use starling_sasl::{
@@ -1212,23 +1211,22 @@ impl Machine {
             return Action::Continue;
         }
         let jid_str = jid.as_str();
+        if el.uses_stream_prefixes() {
+            // It uses a prefix declared on the client's stream header, so it cannot travel
+            // on its own.
+            if !is_error {
+                let id = el.id();
+                let error = StanzaError::new(StanzaErrorCondition::BadRequest)
+                    .with_text("the stanza depends on stream-level declarations");
+                write_stanza_error(out, name, id.as_deref(), Some(jid_str), error);
+            }
+            return Action::Continue;
+        }
         let stanza = if el.from().as_deref() == Some(jid_str) {
             el
         } else {
-            match reframe(el.with_addresses(None, Some(jid_str)), self.cfg.limits) {
-                Some(stamped) => stamped,
-                None => {
-                    // It uses a prefix declared on the client's stream header, so it cannot
-                    // travel on its own.
-                    if !is_error {
-                        let id = el.id();
-                        let error = StanzaError::new(StanzaErrorCondition::BadRequest)
-                            .with_text("the stanza depends on stream-level declarations");
-                        write_stanza_error(out, name, id.as_deref(), Some(jid_str), error);
-                    }
-                    return Action::Continue;
-                }
-            }
+            // Stamp `from` by rewriting the start tag; the envelope moves with the bytes.
+            el.readdressed(None, Some(jid_str))
         };
         metrics::stanza_received();
         tracing::debug!(name = stanza.name(), to = ?stanza.to(), "stanza in");
@@ -1296,30 +1294,6 @@ fn write_stanza_error(
         .attr_opt("to", to)
         .raw(&payload)
         .end(name);
-}
-
-/// Frames a stanza the edge rewrote, with the same limits as the stream it came from.
-/// `None` if it does not stand alone (a prefix declared on the client's stream header).
-fn reframe(xml: Bytes, limits: Limits) -> Option<Element> {
-    const OPEN: &[u8] = b"<stream:stream xmlns='jabber:client' \
-        xmlns:stream='http://etherx.jabber.org/streams'>";
-    let mut framer = Framer::with_limits(Limits {
-        max_element_size: limits.max_element_size.saturating_add(64),
-        ..limits
-    });
-    framer.allow_content_namespaces(&[ns::JABBER_CLIENT]);
-    let mut buf = BytesMut::with_capacity(OPEN.len() + xml.len());
-    buf.put_slice(OPEN);
-    buf.put_slice(&xml);
-    framer.feed(&buf);
-    match framer.next_frame() {
-        Ok(Some(Frame::StreamOpen(_))) => {}
-        _ => return None,
-    }
-    match framer.next_frame() {
-        Ok(Some(Frame::Element(el))) if el.raw().len() == xml.len() => Some(el),
-        _ => None,
-    }
 }
 
 /// A random identifier: 12 bytes as 24 hex digits (stream ids, generated resources).
