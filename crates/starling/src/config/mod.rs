@@ -6,7 +6,7 @@
 //! The runtime crates (edge, router) never see this tree: [`Checked`] holds the parsed values
 //! and `serve` converts them into each crate's plain `Settings`.
 //!
-//! Every key is documented in `crates/starling/CONFIG.md`; a test keeps the two in step.
+//! Every key is documented in the README's Configuration section; a test keeps the two in step.
 
 mod layers;
 mod validate;
@@ -174,7 +174,7 @@ pub(crate) enum LogFormat {
     Json,
 }
 
-/// Every default, in one place. `CONFIG.md` documents the same values.
+/// Every default, in one place. The README documents the same values.
 mod defaults {
     use super::*;
 

@@ -485,7 +485,7 @@ fn the_printed_configuration_reads_back_identically() {
 
 #[test]
 fn config_md_documents_every_key() {
-    let doc = include_str!("../../CONFIG.md");
+    let doc = include_str!("../../../../README.md");
     let defaults = layers::default_table();
     for (section, keys) in &defaults {
         let keys = keys.as_table().unwrap();
@@ -493,14 +493,14 @@ fn config_md_documents_every_key() {
         for key in keys.keys() {
             assert!(
                 doc.contains(&format!("`{section}.{key}`")),
-                "CONFIG.md lacks `{section}.{key}`"
+                "README.md lacks `{section}.{key}`"
             );
             let env = format!(
                 "STARLING_{}__{}",
                 section.to_ascii_uppercase(),
                 key.to_ascii_uppercase()
             );
-            assert!(doc.contains(&env), "CONFIG.md lacks {env}");
+            assert!(doc.contains(&env), "README.md lacks {env}");
         }
     }
 }
