@@ -11,6 +11,10 @@
 //! **Invariant:** a user's stanzas pass one router worker, in order (RFC 6120 §10.1): the
 //! link shards by the bare JID of the sender.
 //!
+//! Instant messaging and presence (RFC 6121) live in `im` (broadcast, probes, directed
+//! presence, roster pushes, offline messages, carbons and blocking checks) over the pure
+//! subscription state machine of [`subscription`]; the IQ sides are [`modules`].
+//!
 //! It must never build a DOM on the routing path (only the payload of a server-addressed
 //! IQ is read, by [`payload`]), never touch a connection, never answer an error with an
 //! error, and never lose a stanza silently: every stanza ends as delivered, handled, an
@@ -24,6 +28,7 @@
 #![forbid(unsafe_code)]
 
 mod error;
+mod im;
 pub mod metrics;
 pub mod modules;
 pub mod payload;
@@ -32,6 +37,7 @@ mod routing;
 mod select;
 mod settings;
 mod stanza;
+pub mod subscription;
 
 #[cfg(test)]
 mod tests;

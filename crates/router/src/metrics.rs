@@ -9,6 +9,12 @@
 //! - `starling_router_queue_depth{worker}`: messages waiting in each worker's queue.
 //! - `starling_router_iq_handler_seconds{module}`: time spent in a module's IQ handler.
 //! - `starling_router_session_events_total{event}`: session starts/ends seen.
+//! - `starling_router_im_events_total{event}`: RFC 6121 work: `broadcast` (a presence
+//!   broadcast), `probe_answered`, `subscription` (a roster item's subscription changed),
+//!   `roster_push` (per resource), `offline_stored`, `offline_delivered`,
+//!   `carbon` (per copy, XEP-0280), `offline_refused` (quota or store failure), `roster_full` (a subscription stanza
+//!   would have added an item to a full roster; it is dropped), `untracked_session` (the session cache
+//!   was full), `directed_not_remembered` (a session's directed-presence list was full).
 
 use starling_xmpp::StanzaErrorCondition;
 
@@ -20,6 +26,9 @@ pub const QUEUE_DEPTH: &str = "starling_router_queue_depth";
 pub const IQ_HANDLER_SECONDS: &str = "starling_router_iq_handler_seconds";
 /// The counter of session events.
 pub const SESSION_EVENTS_TOTAL: &str = "starling_router_session_events_total";
+
+/// The counter of RFC 6121 events (see the module doc).
+pub const IM_EVENTS_TOTAL: &str = "starling_router_im_events_total";
 
 /// What became of one stanza.
 #[derive(Debug, Clone, PartialEq, Eq)]

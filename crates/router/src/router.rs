@@ -112,6 +112,7 @@ impl Router {
             registry: deps.registry,
             edges: deps.edges,
             settings,
+            im: crate::im::Im::new(domains.clone()),
         };
         let core = Core::new(services, ModuleSet::new(modules), domains);
         Ok(Router {

@@ -2,11 +2,11 @@
 //!
 //! | `to`                          | message                               | presence          | iq get/set                       |
 //! |-------------------------------|---------------------------------------|-------------------|----------------------------------|
-//! | absent (§10.3)                | as to the sender's bare JID           | issue 4 (dropped) | server modules for the account   |
-//! | served domain (§10.4)         | chat/normal: `service-unavailable`    | issue 4 (dropped) | server modules                   |
+//! | absent (§10.3)                | as to the sender's bare JID           | broadcast (im)    | server modules for the account   |
+//! | served domain (§10.4)         | chat/normal: `service-unavailable`    | dropped           | server modules                   |
 //! | other domain (§10.4.3)        | `remote-server-not-found`             | same              | same                             |
-//! | bare JID (RFC 6121 §8.5.2)    | see [`crate::select`]; none: offline  | issue 4 (dropped) | modules for accounts, else `service-unavailable` |
-//! | full JID, bound (§8.5.3.1)    | delivered                             | delivered         | delivered                        |
+//! | bare JID (RFC 6121 §8.5.2)    | see [`crate::select`]; none: offline  | im (§3, §4.6)     | modules for accounts, else `service-unavailable` |
+//! | full JID, bound (§8.5.3.1)    | delivered                             | im (§3, §4.6)     | delivered                        |
 //! | full JID, unbound (§8.5.3.2)  | chat/normal: as to the bare JID       | dropped           | `service-unavailable`            |
 //!
 //! A message to an account that does not exist, or with no resource to take it, gets
@@ -18,16 +18,15 @@
 //! Sessions are found only through the [`SessionRegistry`] and reached only through
 //! [`Edges`], so this code does not care whether a session is in this process.
 //!
-//! Issue 4 plugs in at the places marked `ISSUE 4`: offline storage
-//! ([`Core::no_available_resource`]), presence broadcast, directed presence and
-//! subscriptions (the presence arms of [`Core::route`] and [`Core::fallback_full`]).
+//! Presence to accounts (broadcast, directed, subscriptions: RFC 6121 §3, §4) and offline
+//! storage ([`Core::no_available_resource`], XEP-0160) are done by `crate::im`.
 
 use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
 use starling_cluster::{EdgeLink, ToEdge, ToRouter};
-use starling_registry::{NodeId, SessionRecord};
+use starling_registry::SessionRecord;
 use starling_store::BareUser;
 use starling_xml::Element;
 use starling_xmpp::jid::{self, BareJid, FullJid, Jid};
@@ -130,6 +129,24 @@ impl Core {
             .await;
         span.in_scope(|| tracing::debug!(?outcome, "routed"));
         outcome.record(kind.name());
+        // XEP-0280 §7: sent carbons of a chat message that left for someone else.
+        if kind == StanzaKind::Message(MessageType::Chat)
+            && matches!(outcome, Outcome::Delivered | Outcome::Handled)
+            && let Some(to) = stanza.to().and_then(|t| jid::parse(&t).ok())
+            && to.to_bare() != from.to_bare()
+        {
+            let owner = from.to_bare();
+            self.services
+                .im
+                .carbons(
+                    &self.services,
+                    &owner,
+                    std::slice::from_ref(&from),
+                    &stanza,
+                    "sent",
+                )
+                .await;
+        }
     }
 
     async fn undeliverable(&self, recipient: FullJid, stanza: Element) {
@@ -149,6 +166,11 @@ impl Core {
             let Some(sender) = stanza.from().and_then(|f| jid::parse(&f).ok()) else {
                 return Outcome::Dropped("undeliverable stanza without a sender");
             };
+            if sender.as_str() == recipient.to_bare().as_str() {
+                // Roster and blocklist pushes and carbons come from the account's own bare
+                // JID and concern only the session that is gone.
+                return Outcome::Dropped("a copy for a session that is gone");
+            }
             let reply_from = stanza
                 .to()
                 .and_then(|t| jid::parse(&t).ok())
@@ -201,6 +223,9 @@ impl Core {
                 .with_text("an IQ's type is get, set, result or error");
             return self.bounce(sender, stanza, kind, &reply_from, error).await;
         }
+        if let Some(outcome) = self.blocked(from, stanza, kind, &dest).await {
+            return outcome;
+        }
         match dest {
             Dest::NoTo => {
                 let bare = from.to_bare();
@@ -210,9 +235,12 @@ impl Core {
                         self.message_to_bare(sender, stanza, t, &bare, None, bare.as_str())
                             .await
                     }
-                    // ISSUE 4: presence broadcast (RFC 6121 §4.2, §4.4) goes here.
+                    // RFC 6121 §4.2, §4.4, §4.5: broadcast.
                     StanzaKind::Presence { .. } => {
-                        Outcome::Dropped("presence broadcast is not implemented yet")
+                        self.services
+                            .im
+                            .presence(&self.services, from, stanza, None)
+                            .await
                     }
                     StanzaKind::Iq(Some(t)) if t.is_request() => {
                         let domain = from.domain().as_str().to_owned();
@@ -241,7 +269,7 @@ impl Core {
                     self.bounce(sender, stanza, kind, to.as_str(), error).await
                 }
                 StanzaKind::Message(_) => Outcome::Dropped("message to the server"),
-                // ISSUE 4: presence to the server (probes, RFC 6121 §4.3) goes here.
+                // Probes come from the server itself, never from a client (RFC 6121 §4.3).
                 StanzaKind::Presence { .. } => Outcome::Dropped("presence to the server"),
             },
             Dest::Remote(to) => {
@@ -254,9 +282,14 @@ impl Core {
                     self.message_to_bare(sender, stanza, t, &to, None, to.as_str())
                         .await
                 }
-                // ISSUE 4: directed presence and subscription requests to a bare JID
-                // (RFC 6121 §3, §4.6) go here.
-                StanzaKind::Presence { .. } => Outcome::Dropped("presence to a bare JID"),
+                // Subscriptions (RFC 6121 §3) and directed presence (§4.6).
+                StanzaKind::Presence { .. } => {
+                    let to = Jid::from(to);
+                    self.services
+                        .im
+                        .presence(&self.services, from, stanza, Some(to))
+                        .await
+                }
                 StanzaKind::Iq(Some(t)) if t.is_request() => {
                     let domain = to.domain().as_str().to_owned();
                     let reply_from = to.as_str().to_owned();
@@ -265,9 +298,34 @@ impl Core {
                 }
                 StanzaKind::Iq(_) => Outcome::Dropped("IQ response to a bare JID"),
             },
+            // Subscriptions to a full JID are handled as to its bare JID (RFC 6121 §3.1.1),
+            // directed presence is remembered (§4.6).
+            Dest::Full(to) if matches!(kind, StanzaKind::Presence { .. }) => {
+                let to = Jid::from(to);
+                self.services
+                    .im
+                    .presence(&self.services, from, stanza, Some(to))
+                    .await
+            }
             Dest::Full(to) => match self.services.registry.session(&to).await {
                 Ok(Some(record)) => {
                     if self.deliver(&[&record], stanza).await > 0 {
+                        if kind == StanzaKind::Message(MessageType::Chat)
+                            && from.to_bare() != to.to_bare()
+                        {
+                            // XEP-0280 §6: received carbons to the account's other resources.
+                            let owner = to.to_bare();
+                            self.services
+                                .im
+                                .carbons(
+                                    &self.services,
+                                    &owner,
+                                    std::slice::from_ref(&to),
+                                    stanza,
+                                    "received",
+                                )
+                                .await;
+                        }
                         Outcome::Delivered
                     } else {
                         self.fallback_full(sender, stanza, kind, &to, true, to.as_str())
@@ -285,6 +343,50 @@ impl Core {
                 }
             },
         }
+    }
+
+    /// Blocking (XEP-0191 §3.5, §3.6) between the sender and a local account it addresses:
+    /// from a blocked entity, messages and IQ requests get `service-unavailable` (as if
+    /// the account were not there) and everything else is dropped; to an entity the sender
+    /// blocks, messages and IQ requests get `not-acceptable` and presence is dropped.
+    async fn blocked(
+        &self,
+        from: &FullJid,
+        stanza: &Element,
+        kind: StanzaKind,
+        dest: &Dest,
+    ) -> Option<Outcome> {
+        let target: Jid = match dest {
+            Dest::Bare(b) => Jid::from(b.clone()),
+            Dest::Full(f) => Jid::from(f.clone()),
+            _ => return None,
+        };
+        let sender = Jid::from(from.clone());
+        let im = &self.services.im;
+        let answers = matches!(kind, StanzaKind::Message(_))
+            || matches!(kind, StanzaKind::Iq(Some(t)) if t.is_request());
+        if im.blocks(&self.services, &target.to_bare(), &sender).await {
+            if !answers {
+                return Some(Outcome::Dropped("from an entity the recipient blocks"));
+            }
+            let error = StanzaError::new(StanzaErrorCondition::ServiceUnavailable);
+            return Some(
+                self.bounce(&sender, stanza, kind, target.as_str(), error)
+                    .await,
+            );
+        }
+        if im.blocks(&self.services, &from.to_bare(), &target).await {
+            if !answers {
+                return Some(Outcome::Dropped("to an entity the sender blocks"));
+            }
+            let error = StanzaError::new(StanzaErrorCondition::NotAcceptable)
+                .with_text("you have blocked this entity (XEP-0191)");
+            return Some(
+                self.bounce(&sender, stanza, kind, target.as_str(), error)
+                    .await,
+            );
+        }
+        None
     }
 
     /// A stanza for a full JID that has no session (RFC 6121 §8.5.3.2); `vanished` says the
@@ -308,8 +410,8 @@ impl Core {
             }
             // §8.5.3.2.1: groupchat and headline may be ignored; error must be.
             StanzaKind::Message(_) => Outcome::Dropped("message for a resource that is gone"),
-            // §8.5.3.2.2. ISSUE 4: subscription-related presence is handled as if sent to
-            // the bare JID; everything else is ignored.
+            // §8.5.3.2.2: presence the router sent to a full JID is directed or a probe
+            // answer (subscription stanzas go to bare JIDs), so it is ignored.
             StanzaKind::Presence { .. } => Outcome::Dropped("presence for a resource that is gone"),
             // §8.5.3.2.3 (RFC 6120 §10.5.3.2).
             StanzaKind::Iq(_) => {
@@ -349,6 +451,14 @@ impl Core {
         };
         let chosen = message_recipients(&sessions, t, exclude);
         if !chosen.is_empty() && self.deliver(&chosen, stanza).await > 0 {
+            if t == MessageType::Chat && sender.to_bare() != *bare {
+                // XEP-0280 §6: received carbons to the resources that did not get it.
+                let got: Vec<FullJid> = chosen.iter().map(|s| s.jid.clone()).collect();
+                self.services
+                    .im
+                    .carbons(&self.services, bare, &got, stanza, "received")
+                    .await;
+            }
             return Outcome::Delivered;
         }
         self.no_available_resource(sender, stanza, t, bare, reply_from)
@@ -383,11 +493,17 @@ impl Core {
                 return self.bounce(sender, stanza, kind, reply_from, error).await;
             }
         }
-        // ISSUE 4 (offline storage, RFC 6121 §8.5.2.2.1 and XEP-0160): store chat and
-        // normal messages here, within the user's quota, and bounce only when storage is
-        // full or refused. Until then the sender learns the message was not delivered.
-        self.bounce(sender, stanza, kind, reply_from, unavailable())
+        // RFC 6121 §8.5.2.2.1, XEP-0160: chat and normal messages are stored within the
+        // account's quota; the sender learns only of a refusal.
+        match self
+            .services
+            .im
+            .store_offline(&self.services, bare, stanza)
             .await
+        {
+            Ok(()) => Outcome::Handled,
+            Err(error) => self.bounce(sender, stanza, kind, reply_from, error).await,
+        }
     }
 
     /// Whether a local account exists; `Err` when the store could not say.
@@ -527,31 +643,7 @@ impl Core {
     /// Hands `stanza` to the edges of `sessions`, one message per edge carrying the payload
     /// once; returns how many sessions it reached.
     async fn deliver(&self, sessions: &[&SessionRecord], stanza: &Element) -> usize {
-        let mut by_node: Vec<(&NodeId, Vec<FullJid>)> = Vec::new();
-        for s in sessions {
-            match by_node.iter_mut().find(|(node, _)| **node == s.node) {
-                Some((_, jids)) => jids.push(s.jid.clone()),
-                None => by_node.push((&s.node, vec![s.jid.clone()])),
-            }
-        }
-        let mut reached = 0;
-        for (node, recipients) in by_node {
-            let Some(link) = self.services.edges.get(node) else {
-                tracing::warn!(node = %node, "no link to the edge holding the session");
-                continue;
-            };
-            let count = recipients.len();
-            let msg = ToEdge::Deliver {
-                recipients,
-                stanza: stanza.clone(),
-                stamp_to: false,
-            };
-            match link.send(msg).await {
-                Ok(()) => reached += count,
-                Err(e) => tracing::warn!(node = %node, error = %e, "edge link refused a delivery"),
-            }
-        }
-        reached
+        crate::im::deliver(&self.services, sessions, stanza, false).await
     }
 
     /// Closes every session of `account` with a stream error (XEP-0077 §3.2).

@@ -8,7 +8,7 @@ use bytes::Bytes;
 use starling_cluster::{Edges, RouterLink, ToEdge, ToRouter, channel_link};
 use starling_registry::{LocalRegistry, SessionRecord, SessionRegistry};
 use starling_sasl::{HashAlgo, derive_credentials, verify_plain_password};
-use starling_store::{AccountStore, BareUser, RedbStore};
+use starling_store::{AccountStore, BareUser, OfflineStore, RedbStore};
 use starling_xml::Element;
 use starling_xmpp::jid::parse_full;
 use starling_xmpp::{FullJid, StreamErrorCondition};
@@ -308,7 +308,8 @@ async fn bare_jid_messages_follow_priorities() {
     h.probe("juliet@example.org/home", 2).await;
     h.assert_quiet();
 
-    // Only negative-priority or unavailable resources: nobody takes it.
+    // Only negative-priority or unavailable resources: nobody takes it, so it is stored
+    // offline (RFC 6121 §8.5.2.2.1, §4.7.2.3).
     h.bind("nurse@example.org/neg", "e1", Some(-5)).await;
     h.bind("nurse@example.org/quiet", "e1", None).await;
     h.send(
@@ -316,12 +317,10 @@ async fn bare_jid_messages_follow_priorities() {
         "<message type='chat' to='nurse@example.org' id='x'/>",
     )
     .await;
-    let (to, reply) = h.delivery(2).await;
-    assert_eq!(to, ["juliet@example.org/home"]);
-    assert_eq!(condition(&reply), "service-unavailable");
-    assert_eq!(reply.id().as_deref(), Some("x"));
     h.probe("juliet@example.org/home", 2).await;
     h.assert_quiet();
+    let nurse = BareUser::new(DOMAIN, "nurse");
+    assert_eq!(h.store.count_offline(&nurse).await.unwrap(), 1);
 
     // Groupchat to a bare JID is never delivered (RFC 6121 §8.5.2.1.1).
     h.send(
@@ -552,6 +551,10 @@ async fn disco_lists_exactly_the_registered_features() {
             "urn:xmpp:ping",
             "urn:xmpp:time",
             "jabber:iq:register",
+            "vcard-temp",
+            "jabber:iq:private",
+            "urn:xmpp:blocking",
+            "urn:xmpp:carbons:2",
         ]
     );
     // Items: none yet.
@@ -785,11 +788,11 @@ async fn undeliverable_falls_back_like_an_unbound_full_jid() {
         })
         .await
         .unwrap();
-    let (to, reply) = h.delivery(1).await;
-    assert_eq!(to, ["juliet@example.org/home"]);
-    assert_eq!(condition(&reply), "service-unavailable");
-    assert_eq!(reply.from().as_deref(), Some("romeo@example.org/orchard"));
-    assert_eq!(reply.id().as_deref(), Some("u1"));
+    // No other resource: stored offline for the account, no error.
+    h.probe("juliet@example.org/home", 1).await;
+    h.assert_quiet();
+    let romeo = BareUser::new(DOMAIN, "romeo");
+    assert_eq!(h.store.count_offline(&romeo).await.unwrap(), 1);
 
     // An IQ: service-unavailable too.
     let iq = el(
@@ -832,7 +835,11 @@ async fn an_edge_link_failure_is_treated_as_undeliverable() {
         "<message type='chat' to='romeo@example.org/orchard' id='l1'/>",
     )
     .await;
-    assert_eq!(condition(&h.delivery(1).await.1), "service-unavailable");
+    // Falls back to the bare JID, which has no other resource: stored offline.
+    h.probe("juliet@example.org/home", 1).await;
+    h.assert_quiet();
+    let romeo = BareUser::new(DOMAIN, "romeo");
+    assert_eq!(h.store.count_offline(&romeo).await.unwrap(), 1);
 }
 
 #[tokio::test]
@@ -1007,3 +1014,5 @@ async fn served_domains_are_normalised() {
     assert_eq!(reply.from().as_deref(), Some("example.org"));
     h.probe("juliet@example.org/home", 1).await;
 }
+
+mod im;

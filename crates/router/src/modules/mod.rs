@@ -5,14 +5,20 @@
 //! registered modules, so disco can never advertise what is not there.
 //!
 //! Modules now: [`Disco`] (XEP-0030), [`Version`] (XEP-0092), [`Ping`] (XEP-0199),
-//! [`Time`] (XEP-0202), [`Register`] (XEP-0077 after authentication). Roster and presence
-//! (RFC 6121, issue 4) plug in here as further modules: an IQ handler for
-//! `jabber:iq:roster` with [`IqTarget::OwnAccount`], and the session hooks.
+//! [`Time`] (XEP-0202), [`Register`] (XEP-0077 after authentication), [`Roster`] (RFC 6121
+//! §2, XEP-0237), [`Presence`] (the session hooks of RFC 6121 §4), [`Vcard`] (XEP-0054)
+//! [`Private`] (XEP-0049), [`Blocking`] (XEP-0191) and [`Carbons`] (XEP-0280).
 
+mod blocking;
+mod carbons;
 mod disco;
 mod ping;
+mod presence;
+mod private;
 mod register;
-mod time;
+mod roster;
+pub(crate) mod time;
+mod vcard;
 mod version;
 
 use std::sync::Arc;
@@ -29,10 +35,16 @@ use crate::Settings;
 use crate::payload::{self, Payload, PayloadError};
 use crate::stanza::IqType;
 
+pub use blocking::Blocking;
+pub use carbons::Carbons;
 pub use disco::Disco;
 pub use ping::Ping;
+pub use presence::Presence;
+pub use private::Private;
 pub use register::Register;
+pub use roster::Roster;
 pub use time::Time;
+pub use vcard::Vcard;
 pub use version::Version;
 
 /// What a router offers its modules: the store, the registry, the edges and the settings.
@@ -45,6 +57,8 @@ pub struct Services {
     pub edges: Arc<Edges>,
     /// The router's settings.
     pub settings: Settings,
+    /// Presence and subscription state (RFC 6121).
+    pub(crate) im: crate::im::Im,
 }
 
 impl std::fmt::Debug for Services {
@@ -204,7 +218,8 @@ impl ModuleSet {
     }
 }
 
-/// The modules of a single-node server now: disco, version, ping, time and register.
+/// The modules of a single-node server now: disco, version, ping, time, register, roster,
+/// presence, vcard-temp, private XML storage, blocking and carbons.
 pub fn default_modules() -> Vec<Arc<dyn Module>> {
     vec![
         Arc::new(Disco),
@@ -212,6 +227,12 @@ pub fn default_modules() -> Vec<Arc<dyn Module>> {
         Arc::new(Ping),
         Arc::new(Time),
         Arc::new(Register),
+        Arc::new(Roster),
+        Arc::new(Presence),
+        Arc::new(Vcard),
+        Arc::new(Private),
+        Arc::new(Blocking),
+        Arc::new(Carbons),
     ]
 }
 
@@ -227,6 +248,20 @@ pub(crate) fn get_only() -> IqResult {
         StanzaError::new(starling_xmpp::StanzaErrorCondition::NotAllowed)
             .with_text("only 'get' is defined for this query"),
     )
+}
+
+/// The payload element of an IQ request, framed on its own (`content_ns` is the default
+/// namespace it is read in); `bad-request` when it cannot be (e.g. it uses a prefix declared
+/// outside itself).
+pub(crate) fn payload_element(
+    iq: &IqRequest<'_>,
+    content_ns: &'static str,
+) -> Result<Element, IqResult> {
+    let inner = iq.stanza.inner();
+    let trimmed = inner.trim_ascii();
+    let start = inner.len() - inner.trim_ascii_start().len();
+    Element::parse(inner.slice(start..start + trimmed.len()), content_ns)
+        .map_err(|_| bad_request("the payload cannot be read on its own"))
 }
 
 /// The answer to a payload that is not the element the namespace defines: `bad-request`.
