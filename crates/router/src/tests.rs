@@ -555,6 +555,7 @@ async fn disco_lists_exactly_the_registered_features() {
             "jabber:iq:private",
             "urn:xmpp:blocking",
             "urn:xmpp:carbons:2",
+            "urn:xmpp:receipts",
         ]
     );
     // Items: none yet.

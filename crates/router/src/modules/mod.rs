@@ -15,6 +15,7 @@ mod disco;
 mod ping;
 mod presence;
 mod private;
+mod receipts;
 mod register;
 mod roster;
 pub(crate) mod time;
@@ -41,6 +42,7 @@ pub use disco::Disco;
 pub use ping::Ping;
 pub use presence::Presence;
 pub use private::Private;
+pub use receipts::Receipts;
 pub use register::Register;
 pub use roster::Roster;
 pub use time::Time;
@@ -233,6 +235,7 @@ pub fn default_modules() -> Vec<Arc<dyn Module>> {
         Arc::new(Private),
         Arc::new(Blocking),
         Arc::new(Carbons),
+        Arc::new(Receipts),
     ]
 }
 
