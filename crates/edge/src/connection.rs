@@ -14,13 +14,23 @@
 //!   `connection-timeout`), reason `Timeout`;
 //! - idle: no byte read for `idle_timeout`: `connection-timeout` (§4.9.3.4), reason `Timeout`;
 //! - keepalive: nothing written for `keepalive_interval` while a stream is open: one space
-//!   (§4.6.1 whitespace keepalive).
+//!   (§4.6.1 whitespace keepalive);
+//! - stream management (XEP-0198 §4): `<r/>` `sm_ack_every` after the last one while
+//!   stanzas are unacknowledged.
+//!
+//! Stream management's session lifetime (XEP-0198 §5) is here too: when a resumable session's
+//! connection is lost (no `</stream:stream>`), [`Conn::finish`] detaches the session into its
+//! handle and spawns a waiter that ends it after `sm_max_resume_secs` unless a new connection
+//! takes it over with `<resume/>`. A session that ends without resumption hands every
+//! unacknowledged and queued stanza back to the router as `Undeliverable`.
 
+use std::collections::VecDeque;
 use std::future::poll_fn;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll, ready};
 
 use starling_cluster::{EndReason, LinkError, RouterLink, ToRouter};
@@ -45,8 +55,9 @@ use tracing::{Instrument, Span};
 use crate::limits::{ConnectionGuard, TokenBucket};
 use crate::machine::{Action, BindOutcome, Machine, RegisterOutcome, StreamConfig};
 use crate::metrics;
-use crate::session::{SessionHandle, SessionTable};
+use crate::session::{Detach, Drained, SessionHandle, SessionTable, TakeOver};
 use crate::settings::Settings;
+use crate::sm::{Outbound, ResumptionState};
 use crate::tls::{Alpn, TlsManager};
 
 /// Bytes read per poll, from a buffer that lives only on the stack of that poll.
@@ -55,6 +66,9 @@ const READ_CHUNK: usize = 8192;
 const LINGER: std::time::Duration = std::time::Duration::from_secs(1);
 /// How much input a closing connection discards at most.
 const LINGER_BYTES: usize = 256 * 1024;
+
+/// Connection ids, the owners of sessions (see `session`).
+static CONNECTION_IDS: AtomicU64 = AtomicU64::new(1);
 
 /// What every connection task shares.
 pub(crate) struct Shared {
@@ -66,6 +80,8 @@ pub(crate) struct Shared {
     pub(crate) router: Arc<dyn RouterLink>,
     pub(crate) tls: Arc<TlsManager>,
     pub(crate) sessions: Arc<SessionTable>,
+    /// Recently expired resumable sessions, so a late `<resume/>` learns its `h`.
+    pub(crate) expired: crate::session::ExpiredSessions,
 }
 
 impl std::fmt::Debug for Shared {
@@ -216,6 +232,7 @@ async fn serve(
         last_write: started,
         preauth_deadline,
         ended: None,
+        id: CONNECTION_IDS.fetch_add(1, Ordering::Relaxed),
     };
     conn.run(cancel).await;
 }
@@ -302,6 +319,8 @@ struct Conn {
     preauth_deadline: Instant,
     /// Why the connection ended, once it has.
     ended: Option<EndReason>,
+    /// This connection's id: the owner of the session it holds.
+    id: u64,
 }
 
 impl Conn {
@@ -340,7 +359,7 @@ impl Conn {
                 break;
             }
         }
-        Box::pin(self.finish()).await;
+        Box::pin(self.finish(cancel)).await;
     }
 
     fn next_deadline(&self) -> Instant {
@@ -351,6 +370,9 @@ impl Conn {
         }
         if self.machine.is_stream_open() {
             deadline = deadline.min(self.last_write + settings.keepalive_interval);
+        }
+        if let Some(sm) = self.machine.sm_deadline() {
+            deadline = deadline.min(Instant::from_std(sm));
         }
         deadline
     }
@@ -407,7 +429,11 @@ impl Conn {
             );
             return Box::pin(self.perform_rare(action)).await;
         }
-        if self.machine.is_stream_open() && now >= self.last_write + settings.keepalive_interval {
+        self.machine.on_sm_timer(now.into_std(), &mut self.out);
+        if self.out.is_empty()
+            && self.machine.is_stream_open()
+            && now >= self.last_write + settings.keepalive_interval
+        {
             self.out.push(b' ');
         }
         Flow::Continue
@@ -530,8 +556,41 @@ impl Conn {
                     self.route(msg).await;
                     Action::Continue
                 }
+                Action::RecordResumption { jid, stream_id, id } => {
+                    let recorded = self
+                        .shared
+                        .registry
+                        .set_resumption(&jid, &stream_id, Some(id))
+                        .await;
+                    let recorded = match recorded {
+                        Ok(matched) => matched,
+                        Err(error) => {
+                            tracing::warn!(%error, "recording the resumption id failed");
+                            false
+                        }
+                    };
+                    self.machine.on_resumption_recorded(recorded, &mut self.out)
+                }
+                Action::Resume { account, previd } => {
+                    let found = self.resume(&account, &previd).await;
+                    let found = match found {
+                        Ok((state, handle)) => {
+                            Span::current().record("jid", tracing::field::display(&state.jid));
+                            self.handle = Some(handle);
+                            Ok(state)
+                        }
+                        Err(h) => Err(h),
+                    };
+                    let action = self.machine.on_resume(found, now, &mut self.out);
+                    if let Some(handle) = &self.handle {
+                        // Whatever was delivered during the takeover.
+                        handle.wake();
+                    }
+                    action
+                }
                 Action::Close(reason) => {
                     self.ended = Some(reason);
+                    self.hand_over_early();
                     self.close().await;
                     return Flow::Stop;
                 }
@@ -577,7 +636,7 @@ impl Conn {
     async fn bind(&mut self, jid: FullJid) -> BindOutcome {
         let shared = self.shared.clone();
         let stream_id = self.machine.stream_id().clone();
-        let handle = Arc::new(SessionHandle::new(stream_id.clone()));
+        let handle = Arc::new(SessionHandle::new(stream_id.clone(), self.id));
         let previous = shared.sessions.insert(jid.clone(), handle.clone());
         let record = SessionRecord::new(jid.clone(), shared.node.clone(), stream_id);
         match shared.registry.bind(record).await {
@@ -635,21 +694,36 @@ impl Conn {
         let Some(handle) = &self.handle else {
             return Flow::Continue;
         };
-        let (queue, close) = handle.take();
-        if let Some(jid) = self.machine.bound_jid() {
-            let count = queue.len();
-            for item in queue {
-                tracing::debug!(name = item.stanza.name(), "stanza out");
-                if item.stamp_to {
-                    item.stanza
-                        .write_with_addresses(&mut self.out, Some(jid.as_str()), None);
-                } else {
-                    self.out.extend_from_slice(item.stanza.raw());
-                }
-            }
-            metrics::stanzas_sent(count);
+        let handle = handle.clone();
+        let drained = handle.take();
+        if drained.handover {
+            // XEP-0198 §5: the session was resumed on another connection.
+            tracing::info!("session resumed elsewhere: closing this stream");
+            let action = self.machine.close_with(
+                StreamError::new(StreamErrorCondition::Conflict),
+                EndReason::Replaced,
+                &mut self.out,
+            );
+            return Box::pin(self.perform_rare(action)).await;
         }
-        if let Some(close) = close {
+        let now = std::time::Instant::now();
+        let mut queue = drained.queue.into_iter();
+        let mut sent = 0;
+        while self.machine.bound_jid().is_some() && !self.machine.is_closed() {
+            let Some(item) = queue.next() else { break };
+            tracing::debug!(name = item.stanza.name(), "stanza out");
+            sent += 1;
+            let action = self.machine.on_outbound(item, now, &mut self.out);
+            if let Action::Close(_) = action {
+                handle.requeue_front(queue);
+                metrics::stanzas_sent(sent);
+                return Box::pin(self.perform_rare(action)).await;
+            }
+        }
+        metrics::stanzas_sent(sent);
+        // Not written (the stream is not open for them): back, for the router at the end.
+        handle.requeue_front(queue);
+        if let Some(close) = drained.close {
             let action = self.machine.close_with(
                 StreamError::new(close.condition),
                 close.reason,
@@ -708,9 +782,11 @@ impl Conn {
         }
     }
 
-    /// After the connection ended: the session leaves the table and the registry, stanzas
-    /// still queued go back to the router, and the router hears why the session ended.
-    async fn finish(&mut self) {
+    /// After the connection ended: a resumable session whose connection was lost is
+    /// detached (XEP-0198 §5); a session resumed elsewhere is handed over; any other leaves
+    /// the table and the registry, its unacknowledged and queued stanzas go back to the
+    /// router, and the router hears why it ended.
+    async fn finish(&mut self, cancel: CancellationToken) {
         let reason = self.ended.take().unwrap_or(EndReason::ConnectionLost);
         if let EndReason::StreamError(condition) = &reason {
             tracing::info!(
@@ -725,43 +801,240 @@ impl Conn {
             return;
         };
         let shared = self.shared.clone();
-        shared.sessions.remove_if(&jid, &handle);
+        let sm = self.machine.take_sm();
+        let lost = matches!(reason, EndReason::ConnectionLost | EndReason::Timeout);
+        let mut held = VecDeque::new();
+        if let Some(sm) = sm {
+            match sm.into_resumption(jid.clone()) {
+                Ok(state) if !handle.is_owner(self.id) => {
+                    // Resumed on another connection, which waits for this state.
+                    match handle.hand_over(state) {
+                        None => {
+                            metrics::sessions(-1.0);
+                            tracing::debug!("session handed over");
+                            return;
+                        }
+                        Some(state) => held.extend(state.into_stanzas()),
+                    }
+                }
+                Ok(state) if lost => match handle.detach(self.id, state) {
+                    Detach::Detached => {
+                        metrics::sessions(-1.0);
+                        tracing::info!(%jid, "connection lost: session kept for resumption");
+                        let deadline = Instant::now()
+                            + std::time::Duration::from_secs(u64::from(
+                                shared.settings.sm_max_resume_secs,
+                            ));
+                        let span = Span::current();
+                        tokio::spawn(
+                            wait_detached(shared, handle, jid, self.id, deadline, cancel)
+                                .instrument(span),
+                        );
+                        return;
+                    }
+                    Detach::HandedOver => {
+                        metrics::sessions(-1.0);
+                        return;
+                    }
+                    Detach::End(state) => held.extend(state.into_stanzas()),
+                },
+                Ok(state) => held.extend(state.into_stanzas()),
+                Err(mut sm) => held.extend(sm.take_unacked()),
+            }
+        }
         metrics::sessions(-1.0);
-        let (queue, close) = handle.take();
-        if let Err(error) = shared.registry.unbind(&jid, &handle.stream_id).await {
-            tracing::warn!(%error, %jid, "registry unbind failed");
+        end_session(&shared, &jid, &handle, reason, held).await;
+    }
+
+    /// A connection closing because its session was resumed elsewhere hands the session over
+    /// before the close's linger, so the resuming client does not wait for it. If the
+    /// resuming connection is gone, the state stays here for [`Conn::finish`].
+    fn hand_over_early(&mut self) {
+        let Some(handle) = self.handle.clone() else {
+            return;
+        };
+        if handle.is_owner(self.id) {
+            return;
         }
-        let replaced = matches!(
-            close,
-            Some(crate::session::CloseRequest {
-                reason: EndReason::Replaced,
-                ..
-            })
-        ) || reason == EndReason::Replaced;
-        if !replaced {
-            let msg = ToRouter::SessionEnded {
-                jid: jid.clone(),
-                reason,
-            };
-            if let Err(error) = shared.router.send(msg).await {
-                tracing::warn!(%error, "router did not take SessionEnded");
+        let (Some(jid), Some(sm)) = (self.machine.bound_jid().cloned(), self.machine.take_sm())
+        else {
+            return;
+        };
+        match sm.into_resumption(jid) {
+            Ok(state) => match handle.hand_over(state) {
+                None => {
+                    self.handle = None;
+                    metrics::sessions(-1.0);
+                    tracing::debug!("session handed over");
+                }
+                Some(state) => {
+                    let (sm, _) = crate::sm::Sm::from_resumption(state, std::time::Instant::now());
+                    self.machine.restore_sm(sm);
+                }
+            },
+            Err(sm) => self.machine.restore_sm(sm),
+        }
+    }
+
+    /// `<resume/>` (XEP-0198 §5): finds the session through the registry (by account and
+    /// id), checks it is held here, and takes it over. `Err` carries the `h` to report.
+    async fn resume(
+        &mut self,
+        account: &starling_xmpp::BareJid,
+        previd: &str,
+    ) -> Result<(ResumptionState, Arc<SessionHandle>), Option<u32>> {
+        let shared = self.shared.clone();
+        let record = match shared.registry.session_by_resumption(account, previd).await {
+            Ok(Some(record)) => record,
+            Ok(None) => {
+                metrics::sm_resumption("not_found");
+                tracing::info!(%account, "resumption id unknown or expired");
+                return Err(shared.expired.h(account, previd));
             }
-        }
-        let mut dropped = 0;
-        for item in queue {
-            metrics::undeliverable();
-            let msg = ToRouter::Undeliverable {
-                recipient: jid.clone(),
-                stanza: item.stanza,
-            };
-            if shared.router.send(msg).await.is_err() {
-                dropped += 1;
+            Err(error) => {
+                metrics::sm_resumption("error");
+                tracing::warn!(%error, "resumption lookup failed");
+                return Err(None);
             }
+        };
+        let handle = shared
+            .sessions
+            .get(&record.jid)
+            .filter(|h| record.node == shared.node && h.stream_id == record.stream_id);
+        let Some(handle) = handle else {
+            // Held by another edge (not supported yet) or already gone.
+            metrics::sm_resumption("not_found");
+            tracing::info!(jid = %record.jid, node = %record.node, "session to resume is not here");
+            return Err(None);
+        };
+        if record.jid.to_bare() != *account {
+            metrics::sm_resumption("not_found");
+            return Err(None);
         }
-        if dropped > 0 {
-            metrics::dropped_on_close(dropped);
-            tracing::warn!(dropped, "queued stanzas lost: the router is gone");
+        let mut state = match handle.take_over(self.id) {
+            TakeOver::Detached(state) => {
+                metrics::sm_resumption("resumed");
+                state
+            }
+            TakeOver::Live(rx) => {
+                let deadline = Instant::now() + shared.settings.write_timeout;
+                match timeout_at(deadline, rx).await {
+                    Ok(Ok(state)) => {
+                        metrics::sm_resumption("took_over");
+                        state
+                    }
+                    _ => {
+                        metrics::sm_resumption("error");
+                        tracing::warn!("the old connection did not hand the session over");
+                        return Err(None);
+                    }
+                }
+            }
+            TakeOver::Gone => {
+                metrics::sm_resumption("not_found");
+                return Err(None);
+            }
+        };
+        if *state.id != *previd {
+            // The registry and the session disagree; nothing to resume safely. The state
+            // goes back to the router rather than vanishing.
+            metrics::sm_resumption("error");
+            let held = state.into_stanzas().collect();
+            end_session(&shared, &record.jid, &handle, EndReason::Timeout, held).await;
+            return Err(None);
         }
+        // Stanzas delivered while the takeover ran.
+        let Drained { queue, .. } = handle.take();
+        state.pending.extend(queue);
+        metrics::sessions(1.0);
+        Ok((state, handle))
+    }
+}
+
+/// Keeps a detached session (XEP-0198 §5) until `deadline`, a takeover, an overflow or
+/// shutdown; if it is not resumed, it ends: every held stanza goes back to the router.
+async fn wait_detached(
+    shared: Arc<Shared>,
+    handle: Arc<SessionHandle>,
+    jid: FullJid,
+    owner: u64,
+    deadline: Instant,
+    cancel: CancellationToken,
+) {
+    let reason = loop {
+        tokio::select! {
+            biased;
+            _ = cancel.cancelled() => break EndReason::Shutdown,
+            _ = handle.notified() => match handle.detached_should_end(owner) {
+                // Resumed: pass on the wake-up this task consumed.
+                None => {
+                    handle.wake();
+                    return;
+                }
+                Some(Some(reason)) => break reason,
+                Some(None) => {}
+            },
+            _ = tokio::time::sleep_until(deadline) => break EndReason::Timeout,
+        }
+    };
+    let Some((state, queue)) = handle.end_detached(owner) else {
+        handle.wake();
+        return;
+    };
+    metrics::sm_resumption("expired");
+    tracing::info!(%jid, ?reason, "detached session ended without resumption");
+    shared.expired.record(&state.id, &jid, state.inbound);
+    let held = state.into_stanzas().chain(queue).collect();
+    end_session(&shared, &jid, &handle, reason, held).await;
+}
+
+/// The end of a session: it leaves the table and the registry, the router hears why (unless
+/// it was replaced by a new bind, which the router already knows), then every stanza the
+/// session held (unacknowledged, then queued) goes back as `Undeliverable`, so the router can
+/// bounce, redirect or store it (XEP-0198 §5, RFC 6121 §8).
+async fn end_session(
+    shared: &Shared,
+    jid: &FullJid,
+    handle: &Arc<SessionHandle>,
+    reason: EndReason,
+    mut held: VecDeque<Outbound>,
+) {
+    shared.sessions.remove_if(jid, handle);
+    let (queue, close) = handle.close_out();
+    held.extend(queue);
+    if let Err(error) = shared.registry.unbind(jid, &handle.stream_id).await {
+        tracing::warn!(%error, %jid, "registry unbind failed");
+    }
+    let replaced = matches!(
+        close,
+        Some(crate::session::CloseRequest {
+            reason: EndReason::Replaced,
+            ..
+        })
+    ) || reason == EndReason::Replaced;
+    if !replaced {
+        let msg = ToRouter::SessionEnded {
+            jid: jid.clone(),
+            reason,
+        };
+        if let Err(error) = shared.router.send(msg).await {
+            tracing::warn!(%error, "router did not take SessionEnded");
+        }
+    }
+    let mut dropped = 0;
+    for item in held {
+        metrics::undeliverable();
+        let msg = ToRouter::Undeliverable {
+            recipient: jid.clone(),
+            stanza: item.stanza,
+        };
+        if shared.router.send(msg).await.is_err() {
+            dropped += 1;
+        }
+    }
+    if dropped > 0 {
+        metrics::dropped_on_close(dropped);
+        tracing::warn!(dropped, "queued stanzas lost: the router is gone");
     }
 }
 

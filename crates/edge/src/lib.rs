@@ -24,7 +24,8 @@
 //!
 //! Modules: `machine` (the sans-IO negotiation state machine, RFC 6120 §4–§8, XEP-0077,
 //! XEP-0440), `connection` (one task per connection: I/O, timers, limits, RFC 6120 §4.6),
-//! `session` (the session table and the `EdgeLink`), `limits` (RFC 6120 §13.12), `server`
+//! `session` (the session table and the `EdgeLink`), `sm` (XEP-0198 counters, unacked
+//! queue, [`ResumptionState`]), `limits` (RFC 6120 §13.12), `server`
 //! (listeners, accept loop, graceful shutdown), [`tls`] (certificates, SNI, ALPN, reload,
 //! channel binding; XEP-0368, RFC 9266, RFC 5929).
 
@@ -38,6 +39,7 @@ mod metrics;
 mod server;
 mod session;
 mod settings;
+mod sm;
 pub mod tls;
 mod xmlread;
 
@@ -47,3 +49,4 @@ mod tests;
 pub use error::EdgeError;
 pub use server::{BoundEdge, Edge, EdgeDeps};
 pub use settings::{AuthSettings, RegistrationMode, RegistrationSettings, Settings};
+pub use sm::{DecodeError, Outbound, ResumptionState};

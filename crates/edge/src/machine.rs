@@ -14,6 +14,9 @@
 //!                             │ SASL <success/> (stream restart)
 //!                             ▼
 //!  AwaitingHeader(Authenticated) ──► Authenticated ──bind──► Binding ──► Bound ──► Closed
+//!                                          │ <resume/> (XEP-0198)               ▲
+//!                                          └──────────► Resuming ──<resumed/>───┘
+//!                                                          └─<failed/>─► Authenticated
 //! ```
 //!
 //! What it implements:
@@ -27,6 +30,13 @@
 //!   registration on one stream);
 //! - resource binding, RFC 6120 §7, and the RFC 3921 §3 `session` no-op (RFC 6121 §1.4 keeps
 //!   it as `<optional/>` for old clients);
+//! - Stream Management, XEP-0198: the `<sm/>` feature after authentication (§2), `<enable/>`
+//!   after bind with or without resumption (§3; `<failed><unexpected-request/>` before bind or
+//!   when repeated), `<r/>`/`<a/>` with `h` counting `message`/`presence`/`iq` only, mod
+//!   2^32 (§4), a server `<r/>` every `sm_ack_every_stanzas` stanzas or `sm_ack_every`,
+//!   `handled-count-too-high` (§4), the unacked bound (`policy-violation`), and `<resume/>`
+//!   / `<resumed/>` / `<failed><item-not-found/>` (§5) with retransmission of what the
+//!   client did not acknowledge;
 //! - stanza checks once bound, §8.1.1.1 (`to` must be a JID: `jid-malformed`), §8.1.2.1
 //!   (`from` is stamped with the full JID), §8.2.3 (IQ `id` and `type`: `bad-request`),
 //!   §4.9.3.24 (anything else at top level: `unsupported-stanza-type`).
@@ -41,6 +51,7 @@ use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
 
+use bytes::Bytes;
 use starling_cluster::{EndReason, ToRouter};
 use starling_registry::RegistryError;
 use starling_sasl::{
@@ -58,6 +69,7 @@ use starling_xmpp::{
 
 use crate::limits::WindowCounter;
 use crate::settings::{AuthSettings, RegistrationSettings};
+use crate::sm::{self, Outbound, ResumptionState, Sm, SmLimits};
 use crate::{metrics, xmlread};
 
 /// What every stream of the edge shares: settings the negotiation reads, the SASL server, and
@@ -75,6 +87,8 @@ pub(crate) struct StreamConfig {
     pub(crate) auth_failures_ip: WindowCounter<IpAddr>,
     pub(crate) auth_failures_account: WindowCounter<BareUser>,
     pub(crate) registrations_ip: WindowCounter<IpAddr>,
+    /// Stream management (XEP-0198) limits.
+    pub(crate) sm: SmLimits,
 }
 
 /// What the driver does after a call into the machine. Output bytes, if any, are already in
@@ -117,6 +131,24 @@ pub(crate) enum Action {
     },
     /// Send to the router.
     Route(ToRouter),
+    /// Record the XEP-0198 resumption id of the bound session in the registry, then call
+    /// [`Machine::on_resumption_recorded`].
+    RecordResumption {
+        /// The bound JID.
+        jid: FullJid,
+        /// The stream the session was bound on.
+        stream_id: Arc<str>,
+        /// The new id.
+        id: Arc<str>,
+    },
+    /// Find and take over the session with resumption id `previd` of `account` (XEP-0198
+    /// §5), then call [`Machine::on_resume`].
+    Resume {
+        /// The authenticated account.
+        account: starling_xmpp::BareJid,
+        /// The id the client asks for.
+        previd: String,
+    },
     /// Flush, then close the connection. The buffer ends with `</stream:stream>` when a
     /// stream was open.
     Close(EndReason),
@@ -166,6 +198,8 @@ enum State {
     Authenticated(Box<str>),
     /// A bind is with the driver.
     Binding(Box<Binding>),
+    /// A resumption (XEP-0198 §5) is with the driver.
+    Resuming(Box<Resuming>),
     /// A resource is bound.
     Bound(Box<FullJid>),
     /// The stream is closed; nothing more is read. Keeps the JID that was bound, for the
@@ -206,6 +240,13 @@ enum Sasl {
 }
 
 #[derive(Debug)]
+struct Resuming {
+    localpart: Box<str>,
+    previd: String,
+    h: u32,
+}
+
+#[derive(Debug)]
 struct Binding {
     jid: FullJid,
     iq_id: String,
@@ -225,6 +266,8 @@ pub(crate) struct Machine {
     header_sent: bool,
     auth_failures: u8,
     registered: bool,
+    /// Stream management, once enabled (or resumed).
+    sm: Option<Box<Sm>>,
 }
 
 const TLS_REQUIRED: &[u8] =
@@ -233,6 +276,7 @@ const TLS_OPTIONAL: &[u8] = b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/
 const PROCEED: &[u8] = b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>";
 const BIND_FEATURES: &[u8] = b"<bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/>\
     <session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session>";
+const SM_FEATURE: &[u8] = b"<sm xmlns='urn:xmpp:sm:3'/>";
 const REGISTER_FEATURE: &[u8] = b"<register xmlns='http://jabber.org/features/iq-register'/>";
 const SASL_CB_NS: &str = "urn:xmpp:sasl-cb:0";
 /// Channel-binding data of a plain-text stream: none.
@@ -261,6 +305,7 @@ impl Machine {
             header_sent: false,
             auth_failures: 0,
             registered: false,
+            sm: None,
         }
     }
 
@@ -300,6 +345,7 @@ impl Machine {
             State::AwaitingHeader(Stage::Authenticated(_))
                 | State::Authenticated(_)
                 | State::Binding(_)
+                | State::Resuming(_)
                 | State::Bound(_)
         )
     }
@@ -316,6 +362,9 @@ impl Machine {
 
     /// Handles one frame from the client.
     pub(crate) fn on_frame(&mut self, frame: Frame, now: Instant, out: &mut Vec<u8>) -> Action {
+        if let Some(sm) = &mut self.sm {
+            sm.last_input = now;
+        }
         match frame {
             Frame::StreamOpen(header) => self.on_header(header, out),
             Frame::Element(el) => self.on_element(el, now, out),
@@ -448,6 +497,7 @@ impl Machine {
             }
             Stage::Authenticated(localpart) => {
                 out.extend_from_slice(BIND_FEATURES);
+                out.extend_from_slice(SM_FEATURE);
                 State::Authenticated(localpart)
             }
         };
@@ -555,8 +605,11 @@ impl Machine {
             }
             State::PreAuth(_) => self.on_preauth_element(el, now, out),
             State::Authenticated(_) => self.on_authenticated_element(el, out),
-            State::Bound(_) => self.on_bound_element(el, out),
-            State::AwaitingHeader(_) | State::TlsHandshake | State::Binding(_) => self.fail(
+            State::Bound(_) => self.on_bound_element(el, now, out),
+            State::AwaitingHeader(_)
+            | State::TlsHandshake
+            | State::Binding(_)
+            | State::Resuming(_) => self.fail(
                 StreamError::new(StreamErrorCondition::BadFormat).with_text("element out of order"),
                 out,
             ),
@@ -1045,6 +1098,17 @@ impl Machine {
     // Resource binding (RFC 6120 §7)
 
     fn on_authenticated_element(&mut self, el: Element, out: &mut Vec<u8>) -> Action {
+        if el.ns() == sm::NS {
+            return match el.name() {
+                "resume" => self.on_resume_request(&el, out),
+                // §3: enabling needs a bound resource.
+                "enable" => {
+                    write_sm_failed(out, None, "unexpected-request");
+                    Action::Continue
+                }
+                _ => self.unsupported(out),
+            };
+        }
         if el.name() == "iq" && el.ns() == ns::JABBER_CLIENT {
             match el.first_child() {
                 Some(("bind", ns::BIND)) => return self.on_bind_iq(&el, out),
@@ -1149,24 +1213,320 @@ impl Machine {
         let id = el.id().map(|s| s.into_owned());
         match (id, el.stanza_type().as_deref()) {
             (Some(id), Some("set")) => {
-                XmlWriter::new(out)
+                let mut result = Vec::new();
+                XmlWriter::new(&mut result)
                     .start("iq")
                     .attr("type", "result")
                     .attr("id", &id)
                     .empty();
-                Action::Continue
+                self.emit(result, true, out)
             }
             (id, _) => self.iq_error(id.as_deref(), StanzaErrorCondition::BadRequest.into(), out),
         }
     }
 
     // -----------------------------------------------------------------------------------------
+    // Stream management (XEP-0198)
+
+    /// The stream-management state, for tests.
+    #[cfg(test)]
+    pub(crate) fn sm(&self) -> Option<&Sm> {
+        self.sm.as_deref()
+    }
+
+    /// The stream-management state, taken out when the connection ends.
+    pub(crate) fn take_sm(&mut self) -> Option<Box<Sm>> {
+        self.sm.take()
+    }
+
+    /// Puts back a state taken with [`Machine::take_sm`] that could not be handed over.
+    pub(crate) fn restore_sm(&mut self, sm: impl Into<Box<Sm>>) {
+        self.sm = Some(sm.into());
+    }
+
+    fn on_sm_element(&mut self, el: &Element, now: Instant, out: &mut Vec<u8>) -> Action {
+        match (el.name(), &mut self.sm) {
+            ("enable", None) => self.on_enable(el, now, out),
+            // §3: enabling twice, or resuming on a bound stream, is not expected.
+            ("enable" | "resume", _) => {
+                write_sm_failed(out, None, "unexpected-request");
+                Action::Continue
+            }
+            ("r", Some(sm)) => {
+                write_sm_ack(out, sm.inbound);
+                Action::Continue
+            }
+            ("a", Some(_)) => {
+                let h = xmlread::attribute(el.raw(), "h").and_then(|h| h.parse::<u32>().ok());
+                match h {
+                    Some(h) => self.on_ack(h, out),
+                    None => self.fail(
+                        StreamError::new(StreamErrorCondition::BadFormat)
+                            .with_text("'h' must be an unsigned 32-bit number"),
+                        out,
+                    ),
+                }
+            }
+            // <r/> and <a/> before <enable/>: not part of this stream.
+            _ => self.unsupported(out),
+        }
+    }
+
+    fn on_enable(&mut self, el: &Element, now: Instant, out: &mut Vec<u8>) -> Action {
+        let State::Bound(jid) = &self.state else {
+            return Action::Continue;
+        };
+        let jid = (**jid).clone();
+        let mut sm = Sm::new(self.stream_id.clone(), now);
+        let resume = matches!(
+            xmlread::attribute(el.raw(), "resume").as_deref(),
+            Some("true" | "1")
+        );
+        if resume && let Some(id) = sm::resumption_id() {
+            sm.resumption = Some(id.clone());
+            let stream_id = sm.session_stream_id.clone();
+            self.sm = Some(Box::new(sm));
+            return Action::RecordResumption { jid, stream_id, id };
+        }
+        self.sm = Some(Box::new(sm));
+        metrics::sm_enabled(false);
+        XmlWriter::new(out)
+            .start("enabled")
+            .attr("xmlns", sm::NS)
+            .empty();
+        Action::Continue
+    }
+
+    /// The registry recorded the resumption id (or failed to: then the session is not
+    /// resumable, which `<enabled/>` without `resume` tells the client).
+    pub(crate) fn on_resumption_recorded(&mut self, recorded: bool, out: &mut Vec<u8>) -> Action {
+        let Some(sm) = &mut self.sm else {
+            return Action::Continue;
+        };
+        let mut w = XmlWriter::new(out);
+        w.start("enabled").attr("xmlns", sm::NS);
+        match (&sm.resumption, recorded) {
+            (Some(id), true) => {
+                let max = self.cfg.sm.max_resume_secs.to_string();
+                w.attr("id", id).attr("resume", "true").attr("max", &max);
+            }
+            _ => sm.resumption = None,
+        }
+        w.empty();
+        metrics::sm_enabled(sm.resumption.is_some());
+        Action::Continue
+    }
+
+    fn on_ack(&mut self, h: u32, out: &mut Vec<u8>) -> Action {
+        let Some(sm) = &mut self.sm else {
+            return Action::Continue;
+        };
+        match sm.ack(h) {
+            Ok(_) => Action::Continue,
+            Err(too_high) => self.handled_count_too_high(too_high, out),
+        }
+    }
+
+    /// §4: the peer acknowledged more than was sent: `undefined-condition` with
+    /// `<handled-count-too-high/>`.
+    fn handled_count_too_high(&mut self, too_high: sm::TooHigh, out: &mut Vec<u8>) -> Action {
+        let sm::TooHigh { h, sent } = too_high;
+        tracing::info!(h, sent, "client acknowledged more stanzas than were sent");
+        if !self.header_sent {
+            self.write_header(None, out);
+        }
+        let condition = StreamErrorCondition::UndefinedCondition;
+        metrics::stream_error(condition.as_str());
+        out.extend_from_slice(b"<stream:error>");
+        let mut w = XmlWriter::new(out);
+        w.start(condition.as_str())
+            .attr("xmlns", ns::XMPP_STREAMS)
+            .empty();
+        w.start("handled-count-too-high")
+            .attr("xmlns", sm::NS)
+            .attr("h", &h.to_string())
+            .attr("send-count", &sent.to_string())
+            .empty();
+        w.start("text")
+            .attr("xml:lang", "en")
+            .attr("xmlns", ns::XMPP_STREAMS)
+            .text(&format!(
+                "You acknowledged {h} stanzas, but I only sent you {sent} so far."
+            ))
+            .end("text");
+        out.extend_from_slice(b"</stream:error>");
+        write_stream_close(out);
+        self.set_closed();
+        Action::Close(EndReason::StreamError(condition))
+    }
+
+    /// Writes one stanza for the session, counting it when stream management is on; a full
+    /// unacknowledged queue closes the stream with `policy-violation` (the stanza is kept in
+    /// the queue, which goes back to the router).
+    pub(crate) fn on_outbound(
+        &mut self,
+        item: Outbound,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Action {
+        let State::Bound(jid) = &self.state else {
+            // Not reached: the driver writes only to an open, bound stream.
+            if let Some(sm) = &mut self.sm {
+                sm.push(item, now);
+            }
+            return Action::Continue;
+        };
+        let Some(sm) = &mut self.sm else {
+            write_outbound(&item, jid, out);
+            return Action::Continue;
+        };
+        let limits = self.cfg.sm;
+        if !limits.fits(sm.unacked.len(), sm.unacked_bytes, item.weight()) {
+            sm.push(item, now);
+            metrics::limit_violation("sm_unacked");
+            tracing::info!(
+                unacked = sm.unacked.len(),
+                bytes = sm.unacked_bytes,
+                "unacknowledged queue full: closing the stream"
+            );
+            let condition = StreamErrorCondition::PolicyViolation;
+            return self.close_with(
+                StreamError::new(condition.clone()).with_text("too many unacknowledged stanzas"),
+                EndReason::StreamError(condition),
+                out,
+            );
+        }
+        write_outbound(&item, jid, out);
+        sm.push(item, now);
+        sm.since_request = sm.since_request.saturating_add(1);
+        if sm.since_request >= limits.ack_every_stanzas {
+            write_sm_request(out);
+            sm.since_request = 0;
+            sm.last_request = now;
+        }
+        Action::Continue
+    }
+
+    /// When the next time-based `<r/>` is due: stanzas are unacknowledged.
+    pub(crate) fn sm_deadline(&self) -> Option<Instant> {
+        let sm = self.sm.as_ref()?;
+        if sm.unacked.is_empty() || !matches!(self.state, State::Bound(_)) {
+            return None;
+        }
+        Some(sm.last_request + self.cfg.sm.ack_every)
+    }
+
+    /// The timer fired: asks for an ack if one is due.
+    pub(crate) fn on_sm_timer(&mut self, now: Instant, out: &mut Vec<u8>) {
+        if self.sm_deadline().is_some_and(|d| d <= now)
+            && let Some(sm) = &mut self.sm
+        {
+            write_sm_request(out);
+            sm.since_request = 0;
+            sm.last_request = now;
+        }
+    }
+
+    fn on_resume_request(&mut self, el: &Element, out: &mut Vec<u8>) -> Action {
+        let previd = xmlread::attribute(el.raw(), "previd").filter(|p| !p.is_empty());
+        let h = xmlread::attribute(el.raw(), "h").and_then(|h| h.parse::<u32>().ok());
+        let (Some(previd), Some(h)) = (previd, h) else {
+            write_sm_failed(out, None, "bad-request");
+            return Action::Continue;
+        };
+        let State::Authenticated(localpart) =
+            std::mem::replace(&mut self.state, State::Closed(None))
+        else {
+            return Action::Continue;
+        };
+        let Ok(account) = jid::parse_bare(&format!("{localpart}@{}", self.domain())) else {
+            self.state = State::Authenticated(localpart);
+            write_sm_failed(out, None, "item-not-found");
+            return Action::Continue;
+        };
+        self.state = State::Resuming(Box::new(Resuming {
+            localpart,
+            previd: previd.clone(),
+            h,
+        }));
+        Action::Resume { account, previd }
+    }
+
+    /// The driver took over the session (`Ok`), or found none to resume (`Err`, with the
+    /// `h` to report if known). On success the stream continues as the old session:
+    /// `<resumed/>`, then the stanzas the client did not acknowledge, again.
+    pub(crate) fn on_resume(
+        &mut self,
+        found: Result<ResumptionState, Option<u32>>,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Action {
+        let State::Resuming(resuming) = std::mem::replace(&mut self.state, State::Closed(None))
+        else {
+            return Action::Continue;
+        };
+        let Resuming {
+            localpart,
+            previd,
+            h,
+        } = *resuming;
+        let state = match found {
+            Ok(state) => state,
+            Err(known_h) => {
+                // §5: the client may bind a new resource on this stream.
+                self.state = State::Authenticated(localpart);
+                write_sm_failed(out, known_h, "item-not-found");
+                return Action::Continue;
+            }
+        };
+        let jid = state.jid.clone();
+        let (mut sm, pending) = Sm::from_resumption(state, now);
+        self.state = State::Bound(Box::new(jid.clone()));
+        let acked = sm.ack(h);
+        for item in pending {
+            // Kept, never written: the session's end hands them to the router.
+            sm.push(item, now);
+        }
+        self.sm = Some(Box::new(sm));
+        if let Err(too_high) = acked {
+            return self.handled_count_too_high(too_high, out);
+        }
+        let Some(sm) = &mut self.sm else {
+            return Action::Continue;
+        };
+        XmlWriter::new(out)
+            .start("resumed")
+            .attr("xmlns", sm::NS)
+            .attr("previd", &previd)
+            .attr("h", &sm.inbound.to_string())
+            .empty();
+        for item in &sm.unacked {
+            write_outbound(item, &jid, out);
+        }
+        if !sm.unacked.is_empty() {
+            write_sm_request(out);
+        }
+        sm.since_request = 0;
+        sm.last_request = now;
+        tracing::info!(%jid, retransmitted = sm.unacked.len(), "session resumed");
+        Action::Continue
+    }
+
+    // -----------------------------------------------------------------------------------------
     // Bound: stanzas to the router
 
-    fn on_bound_element(&mut self, el: Element, out: &mut Vec<u8>) -> Action {
+    fn on_bound_element(&mut self, el: Element, now: Instant, out: &mut Vec<u8>) -> Action {
+        if el.ns() == sm::NS {
+            return self.on_sm_element(&el, now, out);
+        }
         let name = el.name();
         if !(el.ns() == ns::JABBER_CLIENT && matches!(name, "message" | "presence" | "iq")) {
             return self.unsupported(out);
+        }
+        // XEP-0198 §4: every stanza received counts as handled, whether it is routed or
+        // answered with an error here.
+        if let Some(sm) = &mut self.sm {
+            sm.inbound = sm.inbound.wrapping_add(1);
         }
         let is_error = el.stanza_type().as_deref() == Some("error");
         if name == "iq" {
@@ -1206,7 +1566,15 @@ impl Machine {
             // §8.3.1: never answer an error with an error.
             if !is_error {
                 let id = el.id();
-                write_stanza_error(out, name, id.as_deref(), Some(jid.as_str()), e.into());
+                let mut reply = Vec::new();
+                write_stanza_error(
+                    &mut reply,
+                    name,
+                    id.as_deref(),
+                    Some(jid.as_str()),
+                    e.into(),
+                );
+                return self.emit(reply, true, out);
             }
             return Action::Continue;
         }
@@ -1218,7 +1586,9 @@ impl Machine {
                 let id = el.id();
                 let error = StanzaError::new(StanzaErrorCondition::BadRequest)
                     .with_text("the stanza depends on stream-level declarations");
-                write_stanza_error(out, name, id.as_deref(), Some(jid_str), error);
+                let mut reply = Vec::new();
+                write_stanza_error(&mut reply, name, id.as_deref(), Some(jid_str), error);
+                return self.emit(reply, true, out);
             }
             return Action::Continue;
         }
@@ -1238,16 +1608,17 @@ impl Machine {
 
     /// Answers a stanza the router could not take with `error` (RFC 6120 §8.3), unless it
     /// was an error itself.
-    pub(crate) fn bounce(&self, stanza: &Element, error: StanzaError, out: &mut Vec<u8>) {
+    pub(crate) fn bounce(&mut self, stanza: &Element, error: StanzaError, out: &mut Vec<u8>) {
         if stanza.stanza_type().as_deref() == Some("error") {
             return;
         }
+        let mut reply = Vec::new();
         let id = stanza.id();
         let to = self.bound_jid().map(|j| j.as_str());
         let from = stanza.to();
         let mut payload = Vec::new();
         error.write_xml(&mut payload);
-        XmlWriter::new(out)
+        XmlWriter::new(&mut reply)
             .start(stanza.name())
             .attr("type", "error")
             .attr_opt("id", id.as_deref())
@@ -1255,13 +1626,87 @@ impl Machine {
             .attr_opt("to", to)
             .raw(&payload)
             .end(stanza.name());
+        // Outside frame handling a close could not be carried out here; the unacked limit
+        // is enforced by the next stanza instead.
+        let _ = self.emit(reply, false, out);
     }
 
     fn iq_error(&mut self, id: Option<&str>, error: StanzaError, out: &mut Vec<u8>) -> Action {
         let to = self.bound_jid().map(|j| j.as_str().to_owned());
-        write_stanza_error(out, "iq", id, to.as_deref(), error);
+        let mut reply = Vec::new();
+        write_stanza_error(&mut reply, "iq", id, to.as_deref(), error);
+        self.emit(reply, true, out)
+    }
+
+    /// Writes a stanza the edge itself answers with. Once stream management is on, it is a
+    /// stanza like any other for the client's `h` (XEP-0198 §4), so it is counted and kept
+    /// until acknowledged (and, with `limit`, bounded like the rest).
+    fn emit(&mut self, stanza: Vec<u8>, limit: bool, out: &mut Vec<u8>) -> Action {
+        if self.sm.is_none() || !matches!(self.state, State::Bound(_)) {
+            out.extend_from_slice(&stanza);
+            return Action::Continue;
+        }
+        let stanza = Bytes::from(stanza);
+        let item = match Element::parse(stanza.clone(), ns::JABBER_CLIENT) {
+            Ok(el) => Outbound {
+                stanza: el,
+                stamp_to: false,
+            },
+            Err(error) => {
+                // Not reached: the edge writes well-formed stanzas.
+                tracing::warn!(%error, "a stanza written by the edge does not parse");
+                out.extend_from_slice(&stanza);
+                return Action::Continue;
+            }
+        };
+        let now = self
+            .sm
+            .as_ref()
+            .map_or_else(Instant::now, |sm| sm.last_input);
+        if limit {
+            return self.on_outbound(item, now, out);
+        }
+        if let (State::Bound(jid), Some(sm)) = (&self.state, &mut self.sm) {
+            write_outbound(&item, jid, out);
+            sm.push(item, now);
+        }
         Action::Continue
     }
+}
+
+/// Writes a stanza for the session `jid`, stamping `to` when asked.
+fn write_outbound(item: &Outbound, jid: &FullJid, out: &mut Vec<u8>) {
+    if item.stamp_to {
+        item.stanza
+            .write_with_addresses(out, Some(jid.as_str()), None);
+    } else {
+        out.extend_from_slice(item.stanza.raw());
+    }
+}
+
+/// `<r/>` (XEP-0198 §4).
+fn write_sm_request(out: &mut Vec<u8>) {
+    XmlWriter::new(out).start("r").attr("xmlns", sm::NS).empty();
+}
+
+/// `<a h='…'/>` (XEP-0198 §4).
+fn write_sm_ack(out: &mut Vec<u8>, h: u32) {
+    XmlWriter::new(out)
+        .start("a")
+        .attr("xmlns", sm::NS)
+        .attr("h", &h.to_string())
+        .empty();
+}
+
+/// `<failed h='…'><condition xmlns='…stanzas'/></failed>` (XEP-0198 §3, §5).
+fn write_sm_failed(out: &mut Vec<u8>, h: Option<u32>, condition: &str) {
+    let h = h.map(|h| h.to_string());
+    let mut w = XmlWriter::new(out);
+    w.start("failed")
+        .attr("xmlns", sm::NS)
+        .attr_opt("h", h.as_deref());
+    w.start(condition).attr("xmlns", ns::XMPP_STANZAS).empty();
+    w.end("failed");
 }
 
 /// The localpart of `username@domain` once normalised (RFC 7622), if that is a bare JID of

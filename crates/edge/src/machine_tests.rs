@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD;
+use bytes::Bytes;
 use starling_sasl::{ChannelBindingType, derive_credentials};
 
 use super::*;
@@ -37,6 +38,7 @@ fn config(change: impl FnOnce(&mut Settings)) -> Arc<StreamConfig> {
         auth_failures_ip: WindowCounter::new(Duration::from_secs(60), 1000),
         auth_failures_account: WindowCounter::new(Duration::from_secs(60), 1000),
         registrations_ip: WindowCounter::new(Duration::from_secs(60), 1000),
+        sm: SmLimits::from_settings(&s),
     })
 }
 
@@ -67,6 +69,9 @@ struct Client {
     routed: Vec<ToRouter>,
     binds: Vec<FullJid>,
     closed: Option<EndReason>,
+    /// What the "registry" answers to `<resume/>`.
+    next_resume: Option<Result<ResumptionState, Option<u32>>>,
+    resumptions: Vec<(String, Arc<str>)>,
 }
 
 impl Client {
@@ -87,6 +92,8 @@ impl Client {
             routed: Vec::new(),
             binds: Vec::new(),
             closed: None,
+            next_resume: None,
+            resumptions: Vec::new(),
         }
     }
 
@@ -155,6 +162,17 @@ impl Client {
                 Action::Route(msg) => {
                     self.routed.push(msg);
                     return;
+                }
+                Action::RecordResumption { jid, id, .. } => {
+                    self.resumptions.push((jid.to_string(), id));
+                    self.m.on_resumption_recorded(true, &mut self.out)
+                }
+                Action::Resume { previd, .. } => {
+                    let found = self.next_resume.take().unwrap_or(Err(None));
+                    assert!(
+                        found.as_ref().is_err() || found.as_ref().is_ok_and(|s| *s.id == *previd)
+                    );
+                    self.m.on_resume(found, self.now, &mut self.out)
                 }
                 Action::Close(reason) => {
                     self.closed = Some(reason);
@@ -525,7 +543,7 @@ fn plain_success_restarts_with_bind_features() {
     assert!(out.ends_with(
         "<stream:features><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/>\
          <session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session>\
-         </stream:features>"
+         <sm xmlns='urn:xmpp:sm:3'/></stream:features>"
     ));
 }
 
@@ -732,7 +750,7 @@ fn stanza_before_bind_and_unknown_elements() {
     assert!(c.routed.is_empty());
 
     let mut c = Client::bound(&cfg, "r");
-    let out = c.send("<enable xmlns='urn:xmpp:sm:3'/>");
+    let out = c.send("<enable xmlns='urn:example:unknown'/>");
     assert!(stream_error(&out, "unsupported-stanza-type"), "{out}");
     assert_eq!(
         c.closed,
@@ -869,4 +887,395 @@ fn machine_state_stays_small() {
         std::mem::size_of::<Machine>()
     );
     assert!(std::mem::size_of::<State>() <= 24);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Stream management (XEP-0198)
+
+const SM: &str = "urn:xmpp:sm:3";
+
+fn out_message(n: u32) -> Outbound {
+    Outbound {
+        stanza: Element::parse(
+            Bytes::from(format!(
+                "<message from='romeo@example.org/orchard' id='o{n}'><body>{n}</body></message>"
+            )),
+            "jabber:client",
+        )
+        .unwrap(),
+        stamp_to: true,
+    }
+}
+
+impl Client {
+    /// The router delivers `n`, numbered from `first`; returns what was written.
+    fn deliver(&mut self, first: u32, n: u32) -> String {
+        for i in first..first + n {
+            let action = self.m.on_outbound(out_message(i), self.now, &mut self.out);
+            self.perform(action);
+        }
+        String::from_utf8(std::mem::take(&mut self.out)).unwrap()
+    }
+
+    fn sm_mut(&mut self) -> &mut Sm {
+        self.m.sm.as_deref_mut().unwrap()
+    }
+}
+
+#[test]
+fn sm_feature_only_after_authentication_and_enable_only_after_bind() {
+    let cfg = config(|_| {});
+    let mut c = Client::tls(&cfg, LOOPBACK);
+    let out = c.send(HEADER);
+    assert!(!out.contains(SM), "{out}");
+    c.plain("juliet", "r0m30");
+    let out = c.send(HEADER);
+    assert!(
+        out.contains("<sm xmlns='urn:xmpp:sm:3'/></stream:features>"),
+        "{out}"
+    );
+    let out = c.send("<enable xmlns='urn:xmpp:sm:3'/>");
+    assert_eq!(
+        out,
+        "<failed xmlns='urn:xmpp:sm:3'><unexpected-request \
+         xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></failed>"
+    );
+    // <r/> before enabling is not part of the stream.
+    let mut c = Client::bound(&cfg, "r");
+    let out = c.send("<r xmlns='urn:xmpp:sm:3'/>");
+    assert!(stream_error(&out, "unsupported-stanza-type"), "{out}");
+}
+
+#[test]
+fn enable_with_and_without_resumption() {
+    let cfg = config(|_| {});
+    let mut c = Client::bound(&cfg, "plain");
+    let out = c.send("<enable xmlns='urn:xmpp:sm:3'/>");
+    assert_eq!(out, "<enabled xmlns='urn:xmpp:sm:3'/>");
+    assert!(c.resumptions.is_empty());
+    let out = c.send("<enable xmlns='urn:xmpp:sm:3'/>");
+    assert!(out.contains("<unexpected-request"), "enabling twice: {out}");
+
+    let mut c = Client::bound(&cfg, "resumable");
+    let out = c.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>");
+    assert_eq!(c.resumptions.len(), 1);
+    let (jid, id) = c.resumptions[0].clone();
+    assert_eq!(jid, "juliet@example.org/resumable");
+    assert_eq!(id.len(), 22, "128 bits in base64url");
+    assert_eq!(
+        out,
+        format!("<enabled xmlns='urn:xmpp:sm:3' id='{id}' resume='true' max='300'/>")
+    );
+    let stream_id = c.m.stream_id().clone();
+    assert_eq!(c.m.sm().unwrap().session_stream_id, stream_id);
+
+    // The registry could not record it: enabled, not resumable.
+    let mut c = Client::bound(&cfg, "r2");
+    c.framer
+        .feed(b"<enable xmlns='urn:xmpp:sm:3' resume='true'/>");
+    let Ok(Some(frame)) = c.framer.next_frame() else {
+        panic!("no frame")
+    };
+    let action = c.m.on_frame(frame, c.now, &mut c.out);
+    assert!(matches!(action, Action::RecordResumption { .. }));
+    c.m.on_resumption_recorded(false, &mut c.out);
+    assert_eq!(
+        String::from_utf8(std::mem::take(&mut c.out)).unwrap(),
+        "<enabled xmlns='urn:xmpp:sm:3'/>"
+    );
+    assert!(c.m.sm().unwrap().resumption.is_none());
+}
+
+#[test]
+fn inbound_h_counts_stanzas_only_and_wraps() {
+    let cfg = config(|_| {});
+    let mut c = Client::bound(&cfg, "h");
+    // Before enabling, nothing is counted.
+    c.send("<message to='romeo@example.org'><body>before</body></message>");
+    c.send("<enable xmlns='urn:xmpp:sm:3'/>");
+    assert_eq!(
+        c.send("<r xmlns='urn:xmpp:sm:3'/>"),
+        "<a xmlns='urn:xmpp:sm:3' h='0'/>"
+    );
+    c.send("<message to='romeo@example.org'><body>1</body></message>");
+    c.send("<presence/>");
+    // An IQ answered here with an error was handled too.
+    let out = c.send("<iq type='get' id='bad'/>");
+    assert!(stanza_error(&out, "bad-request"), "{out}");
+    // That error is a stanza for the client's h: counted, kept until acked.
+    let sm = c.m.sm().unwrap();
+    assert_eq!((sm.sent(), sm.unacked.len()), (1, 1));
+    assert_eq!(sm.unacked[0].stanza.id().as_deref(), Some("bad"));
+    c.send("<a xmlns='urn:xmpp:sm:3' h='1'/>");
+    assert!(c.closed.is_none());
+    // The RFC 3921 session no-op answered once SM is on counts too.
+    let out = c.send(
+        "<iq type='set' id='sess'><session xmlns='urn:ietf:params:xml:ns:xmpp-session'/></iq>",
+    );
+    assert!(out.contains("id='sess'"), "{out}");
+    assert_eq!(c.m.sm().unwrap().sent(), 2);
+    c.send("<iq type='get' id='v' to='example.org'><query xmlns='jabber:iq:version'/></iq>");
+    assert_eq!(
+        c.send("<r xmlns='urn:xmpp:sm:3'/>"),
+        "<a xmlns='urn:xmpp:sm:3' h='5'/>"
+    );
+    assert_eq!(
+        c.send("<r xmlns='urn:xmpp:sm:3'/>"),
+        "<a xmlns='urn:xmpp:sm:3' h='5'/>",
+        "<r/> itself is not counted"
+    );
+    c.sm_mut().inbound = u32::MAX;
+    c.send("<presence/><presence/>");
+    assert_eq!(
+        c.send("<r xmlns='urn:xmpp:sm:3'/>"),
+        "<a xmlns='urn:xmpp:sm:3' h='1'/>"
+    );
+    assert_eq!(c.routed.len(), 1 + 4 - 1 + 2);
+    // Flooding bad requests without acking hits the unacked bound like anything else.
+    let cfg = config(|s| s.sm_max_unacked_stanzas = 2);
+    let mut c = Client::bound(&cfg, "flood");
+    c.send("<enable xmlns='urn:xmpp:sm:3'/>");
+    let out = c.send("<iq type='get' id='1'/><iq type='get' id='2'/><iq type='get' id='3'/>");
+    assert!(stream_error(&out, "policy-violation"), "{out}");
+}
+
+#[test]
+fn outbound_acks_requests_and_handled_count_too_high() {
+    let cfg = config(|_| {});
+    let mut c = Client::bound(&cfg, "out");
+    c.send("<enable xmlns='urn:xmpp:sm:3'/>");
+    let out = c.deliver(1, 4);
+    assert_eq!(out.matches("<message").count(), 4);
+    assert!(out.contains("to='juliet@example.org/out'"), "{out}");
+    assert!(!out.contains("<r "), "no request before the fifth: {out}");
+    let out = c.deliver(5, 1);
+    assert!(
+        out.ends_with("</message><r xmlns='urn:xmpp:sm:3'/>"),
+        "{out}"
+    );
+    assert_eq!(c.send("<a xmlns='urn:xmpp:sm:3' h='3'/>"), "");
+    let sm = c.m.sm().unwrap();
+    assert_eq!((sm.acked, sm.unacked.len()), (3, 2));
+    assert_eq!(sm.unacked[0].stanza.id().as_deref(), Some("o4"));
+    // A time-based request while stanzas are unacknowledged.
+    let deadline = c.m.sm_deadline().unwrap();
+    assert!(deadline > c.now);
+    c.m.on_sm_timer(deadline, &mut c.out);
+    assert_eq!(c.out, b"<r xmlns='urn:xmpp:sm:3'/>");
+    c.out.clear();
+    // Acking more than was sent.
+    let out = c.send("<a xmlns='urn:xmpp:sm:3' h='6'/>");
+    assert!(
+        out.starts_with(
+            "<stream:error><undefined-condition xmlns='urn:ietf:params:xml:ns:xmpp-streams'/>\
+             <handled-count-too-high xmlns='urn:xmpp:sm:3' h='6' send-count='5'/>"
+        ),
+        "{out}"
+    );
+    assert!(out.ends_with("</stream:error></stream:stream>"), "{out}");
+    assert_eq!(
+        c.closed,
+        Some(EndReason::StreamError(
+            StreamErrorCondition::UndefinedCondition
+        ))
+    );
+    // What was not acked stays for the driver to hand back.
+    assert_eq!(c.m.take_sm().unwrap().unacked.len(), 2);
+}
+
+#[test]
+fn outbound_counter_wraps_and_all_acked_needs_no_timer() {
+    let cfg = config(|_| {});
+    let mut c = Client::bound(&cfg, "wrap");
+    c.send("<enable xmlns='urn:xmpp:sm:3'/>");
+    c.sm_mut().acked = u32::MAX - 1;
+    c.deliver(1, 3);
+    assert_eq!(c.m.sm().unwrap().sent(), 1);
+    assert_eq!(c.send("<a xmlns='urn:xmpp:sm:3' h='4294967295'/>"), "");
+    assert_eq!(c.send("<a xmlns='urn:xmpp:sm:3' h='1'/>"), "");
+    assert!(c.m.sm().unwrap().unacked.is_empty());
+    assert!(c.m.sm_deadline().is_none());
+    let out = c.send("<a xmlns='urn:xmpp:sm:3' h='2'/>");
+    assert!(out.contains("h='2' send-count='1'"), "{out}");
+    let mut c = Client::bound(&cfg, "bad");
+    c.send("<enable xmlns='urn:xmpp:sm:3'/>");
+    let out = c.send("<a xmlns='urn:xmpp:sm:3' h='-1'/>");
+    assert!(stream_error(&out, "bad-format"), "{out}");
+}
+
+#[test]
+fn unacked_overflow_closes_with_policy_violation_and_keeps_everything() {
+    let cfg = config(|s| s.sm_max_unacked_stanzas = 3);
+    let mut c = Client::bound(&cfg, "full");
+    c.send("<enable xmlns='urn:xmpp:sm:3'/>");
+    let out = c.deliver(1, 4);
+    assert_eq!(out.matches("<message").count(), 3, "{out}");
+    assert!(stream_error(&out, "policy-violation"), "{out}");
+    assert_eq!(
+        c.closed,
+        Some(EndReason::StreamError(
+            StreamErrorCondition::PolicyViolation
+        ))
+    );
+    let ids: Vec<_> =
+        c.m.take_sm()
+            .unwrap()
+            .unacked
+            .iter()
+            .map(|o| o.stanza.id().unwrap().into_owned())
+            .collect();
+    assert_eq!(ids, ["o1", "o2", "o3", "o4"], "the refused one is kept too");
+
+    let size = out_message(1).weight();
+    let cfg = config(|s| s.sm_max_unacked_bytes = size * 2);
+    let mut c = Client::bound(&cfg, "bytes");
+    c.send("<enable xmlns='urn:xmpp:sm:3'/>");
+    let out = c.deliver(1, 2);
+    assert!(!out.contains("stream:error"), "{out}");
+    let out = c.deliver(3, 1);
+    assert!(stream_error(&out, "policy-violation"), "{out}");
+}
+
+fn resumption_state(
+    id: &str,
+    inbound: u32,
+    acked: u32,
+    unacked: u32,
+    pending: u32,
+) -> ResumptionState {
+    ResumptionState {
+        id: Arc::from(id),
+        jid: jid::parse_full("juliet@example.org/old").unwrap(),
+        stream_id: Arc::from("old-stream"),
+        inbound,
+        acked,
+        unacked: (1..=unacked).map(out_message).collect(),
+        pending: (unacked + 1..=unacked + pending).map(out_message).collect(),
+    }
+}
+
+fn authenticated(cfg: &Arc<StreamConfig>) -> Client {
+    let mut c = Client::tls(cfg, LOOPBACK);
+    c.send(HEADER);
+    assert!(c.plain("juliet", "r0m30").contains("<success"));
+    c.send(HEADER);
+    c
+}
+
+#[test]
+fn resume_acks_retransmits_and_continues() {
+    let cfg = config(|_| {});
+    let mut c = authenticated(&cfg);
+    // 10 sent so far: acked up to 7, 8..=10 unacked; two delivered while detached.
+    c.next_resume = Some(Ok(resumption_state("prev", 42, 7, 3, 2)));
+    let out = c.send("<resume xmlns='urn:xmpp:sm:3' previd='prev' h='8'/>");
+    assert!(
+        out.starts_with("<resumed xmlns='urn:xmpp:sm:3' previd='prev' h='42'/>"),
+        "{out}"
+    );
+    let ids: Vec<_> = out
+        .match_indices("id='o")
+        .map(|(i, _)| &out[i + 4..i + 6])
+        .collect();
+    assert_eq!(ids, ["o2", "o3", "o4", "o5"], "{out}");
+    assert!(out.contains("to='juliet@example.org/old'"), "{out}");
+    assert!(out.ends_with("<r xmlns='urn:xmpp:sm:3'/>"), "{out}");
+    assert_eq!(c.m.bound_jid().unwrap().as_str(), "juliet@example.org/old");
+    let sm = c.m.sm().unwrap();
+    assert_eq!((sm.acked, sm.sent(), sm.inbound), (8, 12, 42));
+    assert_eq!(&*sm.session_stream_id, "old-stream");
+    // The stream goes on as the old session.
+    c.send("<message to='romeo@example.org'><body>again</body></message>");
+    assert_eq!(
+        c.send("<r xmlns='urn:xmpp:sm:3'/>"),
+        "<a xmlns='urn:xmpp:sm:3' h='43'/>"
+    );
+    assert_eq!(c.send("<a xmlns='urn:xmpp:sm:3' h='12'/>"), "");
+}
+
+#[test]
+fn resume_failures() {
+    let cfg = config(|_| {});
+    let mut c = authenticated(&cfg);
+    c.next_resume = Some(Err(Some(4)));
+    let out = c.send("<resume xmlns='urn:xmpp:sm:3' previd='gone' h='1'/>");
+    assert_eq!(
+        out,
+        "<failed xmlns='urn:xmpp:sm:3' h='4'><item-not-found \
+         xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></failed>"
+    );
+    // The client may bind instead.
+    let out = c.send(
+        "<iq type='set' id='b'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>\
+         <resource>new</resource></bind></iq>",
+    );
+    assert!(out.contains("<jid>juliet@example.org/new</jid>"), "{out}");
+    let out = c.send("<resume xmlns='urn:xmpp:sm:3' previd='x' h='1'/>");
+    assert!(
+        out.contains("<unexpected-request"),
+        "resume once bound: {out}"
+    );
+
+    let mut c = authenticated(&cfg);
+    let out = c.send("<resume xmlns='urn:xmpp:sm:3' previd='unknown' h='0'/>");
+    assert_eq!(
+        out,
+        "<failed xmlns='urn:xmpp:sm:3'><item-not-found \
+         xmlns='urn:ietf:params:xml:ns:xmpp-stanzas'/></failed>"
+    );
+    let out = c.send("<resume xmlns='urn:xmpp:sm:3' h='0'/>");
+    assert!(out.contains("<bad-request"), "{out}");
+
+    // An h above what the old session sent.
+    let mut c = authenticated(&cfg);
+    c.next_resume = Some(Ok(resumption_state("prev", 0, 7, 3, 0)));
+    let out = c.send("<resume xmlns='urn:xmpp:sm:3' previd='prev' h='11'/>");
+    assert!(out.contains("h='11' send-count='10'"), "{out}");
+    assert!(c.closed.is_some());
+    assert_eq!(
+        c.m.take_sm().unwrap().unacked.len(),
+        3,
+        "kept for the router"
+    );
+}
+
+#[test]
+fn delivery_receipts_pass_through_untouched() {
+    let cfg = config(|_| {});
+    let mut c = Client::bound(&cfg, "r");
+    c.send("<enable xmlns='urn:xmpp:sm:3'/>");
+    c.send(
+        "<message to='romeo@example.org/orchard' id='m1'><body>hi</body>\
+         <request xmlns='urn:xmpp:receipts'/></message>",
+    );
+    let Some(ToRouter::Stanza { stanza, .. }) = c.routed.last() else {
+        panic!("not routed")
+    };
+    assert!(
+        String::from_utf8_lossy(stanza.raw())
+            .contains("<body>hi</body><request xmlns='urn:xmpp:receipts'/></message>")
+    );
+    let receipt = Outbound {
+        stanza: Element::parse(
+            Bytes::from_static(
+                b"<message from='romeo@example.org/orchard' id='r1'>\
+                  <received xmlns='urn:xmpp:receipts' id='m1'/></message>",
+            ),
+            "jabber:client",
+        )
+        .unwrap(),
+        stamp_to: true,
+    };
+    let action = c.m.on_outbound(receipt, c.now, &mut c.out);
+    assert!(matches!(action, Action::Continue));
+    let out = String::from_utf8(std::mem::take(&mut c.out)).unwrap();
+    assert!(
+        out.contains("<received xmlns='urn:xmpp:receipts' id='m1'/></message>"),
+        "{out}"
+    );
+    assert_eq!(
+        c.m.sm().unwrap().unacked.len(),
+        1,
+        "a receipt is a stanza like any"
+    );
 }

@@ -14,12 +14,16 @@
 //! | `starling_edge_binds_total` | counter | `outcome` |
 //! | `starling_edge_undeliverable_total` | counter | |
 //! | `starling_edge_dropped_on_close_total` | counter | |
+//! | `starling_sm_resumptions_total` | counter | `outcome` (`resumed`, `took_over`, `not_found`, `expired`, `too_high`, `error`) |
+//! | `starling_sm_unacked_stanzas` | gauge | (XEP-0198 unacked queue depth, all sessions) |
+//! | `starling_sm_enabled_total` | counter | `resume` (`true`, `false`) |
 //!
 //! TLS handshake failures are counted by the `tls` module
 //! (`starling_tls_handshake_failures_total`).
 
 /// A local limit was hit (`kind`: `rate`, `stanza_size`, `connections_per_ip`, `preauth_timeout`,
-/// `outbound_queue`, `auth_throttle`, `registration_throttle`, `table_full`, `auth_attempts`).
+/// `outbound_queue`, `auth_throttle`, `registration_throttle`, `table_full`, `auth_attempts`,
+/// `sm_unacked`).
 pub(crate) fn limit_violation(kind: &'static str) {
     ::metrics::counter!("starling_edge_limit_violations_total", "kind" => kind).increment(1);
 }
@@ -83,4 +87,20 @@ pub(crate) fn undeliverable() {
 /// Queued stanzas that could not be written before a session closed.
 pub(crate) fn dropped_on_close(n: usize) {
     ::metrics::counter!("starling_edge_dropped_on_close_total").increment(n as u64);
+}
+
+/// A resumption attempt ended (XEP-0198 §5).
+pub(crate) fn sm_resumption(outcome: &'static str) {
+    ::metrics::counter!("starling_sm_resumptions_total", "outcome" => outcome).increment(1);
+}
+
+/// Stream management was enabled on a session.
+pub(crate) fn sm_enabled(resume: bool) {
+    let resume = if resume { "true" } else { "false" };
+    ::metrics::counter!("starling_sm_enabled_total", "resume" => resume).increment(1);
+}
+
+/// Change of the number of unacknowledged stanzas held by all sessions.
+pub(crate) fn sm_unacked(delta: f64) {
+    ::metrics::gauge!("starling_sm_unacked_stanzas").increment(delta);
 }

@@ -28,6 +28,7 @@ use crate::limits::{ConnectionCounter, MAX_TRACKED_KEYS, WindowCounter, canonica
 use crate::machine::StreamConfig;
 use crate::session::{LocalEdgeLink, SessionTable};
 use crate::settings::Settings;
+use crate::sm::SmLimits;
 use crate::tls::{TlsError, TlsManager};
 
 /// Capacity of the queue of undeliverable stanzas on their way back to the router. When it
@@ -103,6 +104,7 @@ impl Edge {
             auth_failures_ip: WindowCounter::new(window, MAX_TRACKED_KEYS),
             auth_failures_account: WindowCounter::new(window, MAX_TRACKED_KEYS),
             registrations_ip: WindowCounter::new(window, MAX_TRACKED_KEYS),
+            sm: SmLimits::from_settings(&settings),
         });
         let sessions = Arc::new(SessionTable::default());
         let (tx, rx) = mpsc::channel(UNDELIVERABLE_QUEUE);
@@ -110,6 +112,7 @@ impl Edge {
             sessions: sessions.clone(),
             undeliverable: tx,
             queue_limit: settings.outbound_queue_stanzas.max(1),
+            sm: SmLimits::from_settings(&settings),
         });
         let shared = Arc::new(Shared {
             cfg,
@@ -120,6 +123,7 @@ impl Edge {
             router: deps.router,
             tls: deps.tls,
             sessions,
+            expired: crate::session::ExpiredSessions::default(),
         });
         Edge {
             inner: Arc::new(Inner {

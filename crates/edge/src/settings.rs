@@ -38,6 +38,20 @@ pub struct Settings {
     pub write_timeout: Duration,
     /// How long shutdown waits for streams to close before aborting them. Default 10 s.
     pub shutdown_grace: Duration,
+    /// Stream management (XEP-0198): the longest a detached resumable session is kept, in
+    /// seconds, advertised as `max` in `<enabled/>`. Default 300.
+    pub sm_max_resume_secs: u32,
+    /// The server asks for an ack (`<r/>`) after this many unacknowledged outbound stanzas.
+    /// Default 5.
+    pub sm_ack_every_stanzas: u32,
+    /// The server asks for an ack this long after the last request while stanzas are
+    /// unacknowledged. Default 30 s.
+    pub sm_ack_every: Duration,
+    /// Unacknowledged outbound stanzas a session may hold (also while detached); one more
+    /// closes the stream with `policy-violation`. Default 1000.
+    pub sm_max_unacked_stanzas: usize,
+    /// The same limit in bytes of stanza XML. Default 1 MiB.
+    pub sm_max_unacked_bytes: usize,
     /// The `[auth]` section.
     pub auth: AuthSettings,
     /// The `[registration]` section.
@@ -61,6 +75,11 @@ impl Default for Settings {
             outbound_queue_stanzas: 2048,
             write_timeout: Duration::from_secs(30),
             shutdown_grace: Duration::from_secs(10),
+            sm_max_resume_secs: 300,
+            sm_ack_every_stanzas: 5,
+            sm_ack_every: Duration::from_secs(30),
+            sm_max_unacked_stanzas: 1000,
+            sm_max_unacked_bytes: 1 << 20,
             auth: AuthSettings::default(),
             registration: RegistrationSettings::default(),
         }
@@ -168,6 +187,11 @@ mod tests {
             (65_536, 524_288)
         );
         assert_eq!(s.outbound_queue_stanzas, 2048);
+        assert_eq!(s.sm_max_resume_secs, 300);
+        assert_eq!(s.sm_ack_every_stanzas, 5);
+        assert_eq!(s.sm_ack_every, Duration::from_secs(30));
+        assert_eq!(s.sm_max_unacked_stanzas, 1000);
+        assert_eq!(s.sm_max_unacked_bytes, 1_048_576);
         assert_eq!(s.auth.scram_iterations, 4096);
         assert_eq!(s.auth.failures_per_minute_per_ip, 10);
         assert_eq!(s.auth.failures_per_minute_per_account, 10);

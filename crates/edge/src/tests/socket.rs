@@ -45,6 +45,8 @@ fn header(domain: &str) -> String {
 struct TestRouter {
     edge: OnceLock<Arc<dyn EdgeLink>>,
     events: Mutex<Vec<String>>,
+    /// Ids of the stanzas handed back as undeliverable.
+    undeliverable: Mutex<Vec<String>>,
 }
 
 #[async_trait]
@@ -68,7 +70,9 @@ impl RouterLink for TestRouter {
             ToRouter::SessionEnded { jid, reason } => {
                 self.events.lock().push(format!("ended {jid} {reason:?}"));
             }
-            ToRouter::Undeliverable { recipient, .. } => {
+            ToRouter::Undeliverable { recipient, stanza } => {
+                let id = stanza.id().map(|i| i.into_owned()).unwrap_or_default();
+                self.undeliverable.lock().push(id);
                 self.events
                     .lock()
                     .push(format!("undeliverable {recipient}"));
@@ -323,6 +327,23 @@ impl Server {
         c.until("</stream:features>").await;
         bind(&mut c, resource).await;
         c
+    }
+
+    /// A connection of `user` that authenticated and restarted, not bound; and the features.
+    async fn login(&self, user: &str) -> (Conn<TlsStream<TcpStream>>, String) {
+        let mut c = self.direct().await;
+        c.send(&header("localhost")).await;
+        c.until("</stream:features>").await;
+        let payload = STANDARD.encode(format!("\0{user}\0{user}-pw"));
+        c.send(&format!(
+            "<auth xmlns='urn:ietf:params:xml:ns:xmpp-sasl' mechanism='PLAIN'>{payload}</auth>"
+        ))
+        .await;
+        c.until("<success xmlns='urn:ietf:params:xml:ns:xmpp-sasl'/>")
+            .await;
+        c.send(&header("localhost")).await;
+        let features = c.until("</stream:features>").await;
+        (c, features)
     }
 
     async fn stop(mut self) {
@@ -644,3 +665,6 @@ async fn connection_future_is_small() {
     drop(future);
     drop(client);
 }
+
+#[path = "sm_socket.rs"]
+mod sm_socket;
