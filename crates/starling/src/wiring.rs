@@ -82,6 +82,11 @@ pub(crate) fn edge_settings(checked: &Checked) -> starling_edge::Settings {
         rate_bytes_per_sec: c.c2s.rate_bytes_per_sec,
         rate_burst_bytes: c.c2s.rate_burst_bytes,
         outbound_queue_stanzas: usize::try_from(c.c2s.outbound_queue_stanzas).unwrap_or(usize::MAX),
+        sm_max_resume_secs: c.c2s.sm_max_resume_secs,
+        sm_ack_every_stanzas: c.c2s.sm_ack_every_stanzas,
+        sm_ack_every: Duration::from_secs(c.c2s.sm_ack_every_secs),
+        sm_max_unacked_stanzas: usize::try_from(c.c2s.sm_max_unacked_stanzas).unwrap_or(usize::MAX),
+        sm_max_unacked_bytes: usize::try_from(c.c2s.sm_max_unacked_bytes).unwrap_or(usize::MAX),
         shutdown_grace: EDGE_GRACE,
         auth: AuthSettings {
             scram_iterations: c.auth.scram_iterations,
@@ -97,7 +102,7 @@ pub(crate) fn edge_settings(checked: &Checked) -> starling_edge::Settings {
                 .iter()
                 .map(|(host, m)| (host.clone(), mode(*m)))
                 .collect(),
-            ..RegistrationSettings::default()
+            per_minute_per_ip: c.registration.per_minute_per_ip,
         },
         ..starling_edge::Settings::default()
     }

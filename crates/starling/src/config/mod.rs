@@ -79,6 +79,16 @@ pub(crate) struct C2sConfig {
     pub(crate) rate_burst_bytes: u64,
     /// Per-session outbound queue; overflow closes the stream with `policy-violation`.
     pub(crate) outbound_queue_stanzas: u64,
+    /// Stream management (XEP-0198): how long a dropped resumable session is kept.
+    pub(crate) sm_max_resume_secs: u32,
+    /// Stream management: request an ack after this many unacked outbound stanzas.
+    pub(crate) sm_ack_every_stanzas: u32,
+    /// Stream management: request an ack after this long with stanzas unacked.
+    pub(crate) sm_ack_every_secs: u64,
+    /// Stream management: most unacked outbound stanzas; more closes the stream.
+    pub(crate) sm_max_unacked_stanzas: u64,
+    /// Stream management: most unacked outbound bytes; more closes the stream.
+    pub(crate) sm_max_unacked_bytes: u64,
 }
 
 /// `[tls]`: certificates. Empty `certificates` means a self-signed one is generated in
@@ -122,6 +132,8 @@ pub(crate) struct RegistrationConfig {
     pub(crate) mode: RegistrationMode,
     /// Per-domain overrides of `mode`; keys must be served domains.
     pub(crate) hosts: BTreeMap<String, RegistrationMode>,
+    /// Accounts one IP address may register per minute.
+    pub(crate) per_minute_per_ip: u32,
 }
 
 /// Who may create an account with in-band registration.
@@ -202,6 +214,11 @@ mod defaults {
                 rate_bytes_per_sec: 65_536,
                 rate_burst_bytes: 524_288,
                 outbound_queue_stanzas: 2048,
+                sm_max_resume_secs: 300,
+                sm_ack_every_stanzas: 5,
+                sm_ack_every_secs: 30,
+                sm_max_unacked_stanzas: 1000,
+                sm_max_unacked_bytes: 1_048_576,
             }
         }
     }
@@ -230,6 +247,7 @@ mod defaults {
             RegistrationConfig {
                 mode: RegistrationMode::Loopback,
                 hosts: BTreeMap::new(),
+                per_minute_per_ip: 5,
             }
         }
     }

@@ -236,7 +236,9 @@ fn unknown_keys_are_refused_by_name() {
          expected one of `listen_starttls`, `listen_direct_tls`, `require_tls`, \
          `max_stanza_size`, `max_connections_per_ip`, `preauth_timeout_secs`, \
          `idle_timeout_secs`, `keepalive_interval_secs`, `rate_bytes_per_sec`, \
-         `rate_burst_bytes`, `outbound_queue_stanzas`"
+         `rate_burst_bytes`, `outbound_queue_stanzas`, `sm_max_resume_secs`, \
+         `sm_ack_every_stanzas`, `sm_ack_every_secs`, `sm_max_unacked_stanzas`, \
+         `sm_max_unacked_bytes`"
     );
 }
 

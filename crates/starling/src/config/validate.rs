@@ -111,6 +111,14 @@ pub(crate) fn validate(loaded: Loaded) -> Result<Checked, ConfigErrors> {
         ("c2s.rate_bytes_per_sec", c2s.rate_bytes_per_sec),
         ("c2s.rate_burst_bytes", c2s.rate_burst_bytes),
         ("c2s.outbound_queue_stanzas", c2s.outbound_queue_stanzas),
+        ("c2s.sm_max_resume_secs", u64::from(c2s.sm_max_resume_secs)),
+        (
+            "c2s.sm_ack_every_stanzas",
+            u64::from(c2s.sm_ack_every_stanzas),
+        ),
+        ("c2s.sm_ack_every_secs", c2s.sm_ack_every_secs),
+        ("c2s.sm_max_unacked_stanzas", c2s.sm_max_unacked_stanzas),
+        ("c2s.sm_max_unacked_bytes", c2s.sm_max_unacked_bytes),
         ("tls.reload_check_secs", config.tls.reload_check_secs),
         (
             "auth.scram_iterations",
@@ -123,6 +131,10 @@ pub(crate) fn validate(loaded: Loaded) -> Result<Checked, ConfigErrors> {
         (
             "auth.failures_per_minute_per_account",
             u64::from(config.auth.failures_per_minute_per_account),
+        ),
+        (
+            "registration.per_minute_per_ip",
+            u64::from(config.registration.per_minute_per_ip),
         ),
     ] {
         if value == 0 {
