@@ -274,8 +274,11 @@ const TLS_REQUIRED: &[u8] =
     b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'><required/></starttls>";
 const TLS_OPTIONAL: &[u8] = b"<starttls xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>";
 const PROCEED: &[u8] = b"<proceed xmlns='urn:ietf:params:xml:ns:xmpp-tls'/>";
+/// After authentication: bind (RFC 6120 §7), the legacy session no-op (RFC 6121 §1.4 notes
+/// it), and roster versioning (XEP-0237 §3), which the router's roster module implements.
 const BIND_FEATURES: &[u8] = b"<bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/>\
-    <session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session>";
+    <session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session>\
+    <ver xmlns='urn:xmpp:features:rosterver'/>";
 const SM_FEATURE: &[u8] = b"<sm xmlns='urn:xmpp:sm:3'/>";
 const REGISTER_FEATURE: &[u8] = b"<register xmlns='http://jabber.org/features/iq-register'/>";
 const SASL_CB_NS: &str = "urn:xmpp:sasl-cb:0";

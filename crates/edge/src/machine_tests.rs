@@ -543,6 +543,7 @@ fn plain_success_restarts_with_bind_features() {
     assert!(out.ends_with(
         "<stream:features><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/>\
          <session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session>\
+         <ver xmlns='urn:xmpp:features:rosterver'/>\
          <sm xmlns='urn:xmpp:sm:3'/></stream:features>"
     ));
 }
