@@ -1,6 +1,9 @@
-//! Shared inputs for Starling's benchmarks.
+//! Shared code of Starling's benchmarks, and the load generator.
 //!
-//! The criterion benches live in `benches/benches/`; this library holds what they share, such
-//! as the realistic stanza mix the framing bench parses. Nothing here runs on the server.
+//! The criterion benches live in `benches/benches/`; [`corpus`] holds the realistic stanza mix
+//! they parse. [`load`] is the engine of the `starling-load` binary, a standard XMPP client
+//! that drives any compliant server. Nothing here runs inside the server; the load generator
+//! must never send traffic anywhere but the server address it is given.
 
 pub mod corpus;
+pub mod load;
