@@ -15,8 +15,9 @@ use std::time::Duration;
 
 use serde_json::Value;
 use starling_testkit::{TestServer, workspace_root};
+use tokio::io::AsyncWriteExt;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdout, Command};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
 
 /// The most stderr kept per script (its tail matters when a check fails).
 const STDERR_LIMIT: usize = 256 * 1024;
@@ -133,11 +134,34 @@ pub struct PyProcess {
     stdout: Lines<BufReader<ChildStdout>>,
     stderr: Arc<Mutex<Vec<u8>>>,
     drain: Option<tokio::task::JoinHandle<()>>,
+    /// The script's stdin, for interactive scripts ([`PyProcess::spawn_interactive`]).
+    stdin: Option<ChildStdin>,
+    /// Objects read by [`PyProcess::expect_event`] that did not match, oldest first.
+    backlog: std::collections::VecDeque<Value>,
 }
 
 impl PyProcess {
     /// Starts `tests/python/<script>` with the common arguments and `extra` ones.
     pub fn spawn(script: &str, args: &PyArgs, extra: &[&str]) -> Result<PyProcess, PyError> {
+        PyProcess::spawn_with(script, args, extra, false)
+    }
+
+    /// Like [`PyProcess::spawn`], with the script's stdin piped for
+    /// [`PyProcess::command`]; closing it (dropping the process) ends such scripts.
+    pub fn spawn_interactive(
+        script: &str,
+        args: &PyArgs,
+        extra: &[&str],
+    ) -> Result<PyProcess, PyError> {
+        PyProcess::spawn_with(script, args, extra, true)
+    }
+
+    fn spawn_with(
+        script: &str,
+        args: &PyArgs,
+        extra: &[&str],
+        interactive: bool,
+    ) -> Result<PyProcess, PyError> {
         let python = venv_python()?;
         let path = python_script(script);
         let mut child = Command::new(&python)
@@ -147,7 +171,11 @@ impl PyProcess {
             .current_dir(workspace_root().join("tests").join("python"))
             .env("PYTHONUNBUFFERED", "1")
             .env("PYTHONDONTWRITEBYTECODE", "1")
-            .stdin(Stdio::null())
+            .stdin(if interactive {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .kill_on_drop(true)
@@ -179,13 +207,81 @@ impl PyProcess {
                 }
             }));
         }
+        let stdin = child.stdin.take();
         Ok(PyProcess {
             script: script.to_owned(),
             child,
             stdout: BufReader::new(stdout).lines(),
             stderr,
             drain,
+            stdin,
+            backlog: std::collections::VecDeque::new(),
         })
+    }
+
+    /// Writes one JSON command line to an interactive script's stdin.
+    pub async fn command(&mut self, command: &Value) -> Result<(), PyError> {
+        let Some(stdin) = self.stdin.as_mut() else {
+            return Err(PyError::Io {
+                context: format!("commanding {}", self.script),
+                source: std::io::Error::other("not spawned interactive"),
+            });
+        };
+        let mut line = command.to_string();
+        line.push('\n');
+        let written = async {
+            stdin.write_all(line.as_bytes()).await?;
+            stdin.flush().await
+        };
+        written.await.map_err(|source| PyError::Io {
+            context: format!("writing a command to {}", self.script),
+            source,
+        })
+    }
+
+    /// The first JSON object (oldest first, including those set aside by earlier calls)
+    /// for which `matches` holds, within `timeout`; the others are kept, in order, for later
+    /// calls.
+    pub async fn expect_event(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        mut matches: impl FnMut(&Value) -> bool,
+    ) -> Result<Value, PyError> {
+        if let Some(at) = self.backlog.iter().position(&mut matches)
+            && let Some(found) = self.backlog.remove(at)
+        {
+            return Ok(found);
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.next_json(left).await {
+                Ok(value) if matches(&value) => return Ok(value),
+                Ok(value) => self.backlog.push_back(value),
+                Err(PyError::NoAnswer {
+                    script,
+                    problem,
+                    stderr,
+                }) => {
+                    let seen: Vec<String> = self.backlog.iter().map(Value::to_string).collect();
+                    return Err(PyError::NoAnswer {
+                        script,
+                        problem: format!(
+                            "waiting for {what}: {problem}; other lines: {}",
+                            seen.join("\n")
+                        ),
+                        stderr,
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// The objects read but not yet matched by [`PyProcess::expect_event`], oldest first.
+    pub fn backlog(&self) -> impl Iterator<Item = &Value> {
+        self.backlog.iter()
     }
 
     /// The tail of what the script wrote on stderr so far.
@@ -261,6 +357,8 @@ impl PyProcess {
     /// Waits for the process to exit (killing it after `timeout`); returns all of stderr that
     /// was kept.
     pub async fn finish(mut self, timeout: Duration) -> Result<String, PyError> {
+        // An interactive script reads commands until its stdin closes.
+        drop(self.stdin.take());
         match tokio::time::timeout(timeout, self.child.wait()).await {
             Ok(Ok(_)) => {
                 self.drained().await;

@@ -224,6 +224,16 @@ pub(crate) fn with_delay(stanza: &Element, domain: &str, now: OffsetDateTime) ->
     Bytes::from(out)
 }
 
+/// Whether the stanza carries the `<delay/>` this server writes when it stores a message.
+fn has_own_delay(raw: &[u8], domain: &str) -> bool {
+    let mut needle = Vec::with_capacity(64);
+    XmlWriter::new(&mut needle)
+        .start("delay")
+        .attr("xmlns", ns::DELAY)
+        .attr("from", domain);
+    raw.windows(needle.len()).any(|w| w == needle.as_slice())
+}
+
 /// Writes a stanza with an explicit `xmlns='jabber:client'` on its start tag, so that it
 /// keeps its namespace inside a wrapper of another namespace (XEP-0297 §4).
 fn write_in_client_ns(out: &mut Vec<u8>, stanza: &Element) {
@@ -845,6 +855,24 @@ impl Im {
         }
     }
 
+    /// Closes the race between storing a message (on the sender's worker) and the
+    /// recipient's first available presence (on the recipient's worker, which flushes the
+    /// offline queue): after storing, if the account has an available resource with a
+    /// non-negative priority by now, the queue is flushed to the best one. Popping the queue
+    /// is atomic, so the two flushes never deliver a message twice.
+    pub(crate) async fn flush_if_online(&self, svc: &Services, bare: &BareJid) {
+        let Ok(sessions) = svc.registry.sessions(bare).await else {
+            return;
+        };
+        if let Some(best) = sessions
+            .iter()
+            .filter(|s| s.is_available() && s.priority >= 0)
+            .max_by_key(|s| s.priority)
+        {
+            self.deliver_offline(svc, &best.jid, best).await;
+        }
+    }
+
     /// Stored offline messages, oldest first, to a resource that became available with a
     /// non-negative priority (XEP-0160 §3). A message that cannot be handed to the edge
     /// is stored again.
@@ -1319,7 +1347,14 @@ impl Im {
         let Some(u) = user_of(bare) else {
             return Err(StanzaError::new(StanzaErrorCondition::ServiceUnavailable));
         };
-        let stamped = with_delay(stanza, bare.domain().as_str(), OffsetDateTime::now_utc());
+        let domain = bare.domain().as_str();
+        // A stanza coming back unacknowledged (XEP-0198 §5) after it was already stored once
+        // keeps its first stamp: the time it originally failed (XEP-0203), not a second one.
+        let stamped = if has_own_delay(stanza.raw(), domain) {
+            stanza.raw().clone()
+        } else {
+            with_delay(stanza, domain, OffsetDateTime::now_utc())
+        };
         match svc
             .store
             .push_offline(&u, stamped, svc.settings.offline_quota)
@@ -1383,6 +1418,18 @@ mod tests {
             )),
             0
         );
+    }
+
+    #[test]
+    fn a_stored_stamp_is_recognised_and_not_doubled() {
+        let now = OffsetDateTime::from_unix_timestamp(0).unwrap();
+        let once = with_delay(&el("<message to='a@b'><body>x</body></message>"), "b", now);
+        assert!(has_own_delay(&once, "b"));
+        assert!(!has_own_delay(&once, "c"));
+        assert!(!has_own_delay(
+            b"<message to='a@b'><body>x</body></message>",
+            "b"
+        ));
     }
 
     #[test]

@@ -380,7 +380,9 @@ impl Core {
                 return Some(Outcome::Dropped("to an entity the sender blocks"));
             }
             let error = StanzaError::new(StanzaErrorCondition::NotAcceptable)
-                .with_text("you have blocked this entity (XEP-0191)");
+                .with_text("you have blocked this entity (XEP-0191)")
+                .with_type(starling_xmpp::StanzaErrorType::Cancel)
+                .with_app("blocked", "urn:xmpp:blocking:errors");
             return Some(
                 self.bounce(&sender, stanza, kind, target.as_str(), error)
                     .await,
@@ -501,7 +503,10 @@ impl Core {
             .store_offline(&self.services, bare, stanza)
             .await
         {
-            Ok(()) => Outcome::Handled,
+            Ok(()) => {
+                self.services.im.flush_if_online(&self.services, bare).await;
+                Outcome::Handled
+            }
             Err(error) => self.bounce(sender, stanza, kind, reply_from, error).await,
         }
     }

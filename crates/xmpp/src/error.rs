@@ -552,6 +552,10 @@ pub struct StanzaError {
     pub text: Option<String>,
     /// The entity that generated the error, when it is not the stanza's `from`.
     pub by: Option<String>,
+    /// An application-specific condition (RFC 6120 §8.3.2): element name and namespace,
+    /// written as an empty element after the defined condition (e.g. XEP-0191's
+    /// `<blocked xmlns='urn:xmpp:blocking:errors'/>`).
+    pub app: Option<(&'static str, &'static str)>,
 }
 
 impl StanzaError {
@@ -562,7 +566,14 @@ impl StanzaError {
             condition,
             text: None,
             by: None,
+            app: None,
         }
+    }
+
+    /// Adds an application-specific condition element (RFC 6120 §8.3.2).
+    pub fn with_app(mut self, name: &'static str, namespace: &'static str) -> Self {
+        self.app = Some((name, namespace));
+        self
     }
 
     /// Overrides the error type.
@@ -604,7 +615,37 @@ impl StanzaError {
         if let Some(text) = &self.text {
             write_text(out, Some(ns::XMPP_STANZAS), Some(SERVER_LANG), text);
         }
+        if let Some((name, namespace)) = self.app {
+            out.push(b'<');
+            out.extend_from_slice(name.as_bytes());
+            out.extend_from_slice(b" xmlns='");
+            escape_attr_into(out, namespace);
+            out.extend_from_slice(b"'/>");
+        }
         out.extend_from_slice(b"</error>");
+    }
+}
+
+#[cfg(test)]
+mod app_condition_tests {
+    use super::*;
+
+    #[test]
+    fn application_condition_follows_the_text() {
+        let mut out = Vec::new();
+        StanzaError::new(StanzaErrorCondition::NotAcceptable)
+            .with_text("blocked")
+            .with_app("blocked", "urn:xmpp:blocking:errors")
+            .write_xml(&mut out);
+        let xml = String::from_utf8(out).unwrap();
+        assert!(
+            xml.starts_with("<error type='modify'><not-acceptable "),
+            "{xml}"
+        );
+        assert!(
+            xml.ends_with("</text><blocked xmlns='urn:xmpp:blocking:errors'/></error>"),
+            "{xml}"
+        );
     }
 }
 

@@ -298,7 +298,8 @@ impl TxClient {
         &self.jid
     }
 
-    /// Sends a stanza.
+    /// Sends a stanza. With stream management (XEP-0198) the server's ack may come before
+    /// this waiter looks, so `Acked` counts as sent too.
     pub(crate) async fn send(&mut self, stanza: impl Into<Stanza>) {
         let mut token = self.stream.send(Box::new(stanza.into())).await;
         let state = tokio::time::timeout(
@@ -309,7 +310,10 @@ impl TxClient {
         assert!(
             matches!(
                 state,
-                Ok(Some(tokio_xmpp::stanzastream::StanzaState::Sent { .. }))
+                Ok(Some(
+                    tokio_xmpp::stanzastream::StanzaState::Sent { .. }
+                        | tokio_xmpp::stanzastream::StanzaState::Acked { .. }
+                ))
             ),
             "stanza not sent: {state:?}"
         );
