@@ -27,6 +27,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod caps;
 mod error;
 mod im;
 pub mod metrics;

@@ -133,6 +133,12 @@ impl Router {
         self.core.modules().features()
     }
 
+    /// The server's entity capabilities (XEP-0115), computed from exactly what disco#info
+    /// answers (identities and the features above), for the edge's `<c/>` stream feature.
+    pub fn caps(&self) -> &crate::caps::Caps {
+        self.core.caps()
+    }
+
     /// Spawns the workers on the current runtime. They run until `cancel` fires (or every
     /// link is dropped), drain their queues, and end; the set completes when all have.
     pub fn run(self, cancel: CancellationToken) -> JoinSet<()> {

@@ -33,6 +33,7 @@ use starling_xmpp::jid::{self, BareJid, FullJid, Jid};
 use starling_xmpp::{StanzaError, StanzaErrorCondition, StreamErrorCondition};
 use tracing::Instrument;
 
+use crate::caps::Caps;
 use crate::metrics::{IQ_HANDLER_SECONDS, Outcome, SESSION_EVENTS_TOTAL, STANZAS_TOTAL};
 use crate::modules::{IqContext, IqRequest, IqResult, IqTarget, ModuleSet, Services};
 use crate::select::message_recipients;
@@ -57,21 +58,30 @@ enum Dest {
 pub(crate) struct Core {
     services: Services,
     modules: ModuleSet,
+    /// The server's entity capabilities (XEP-0115), from what disco#info answers.
+    caps: Caps,
     /// The served domains, normalised.
     domains: HashSet<String>,
 }
 
 impl Core {
     pub(crate) fn new(services: Services, modules: ModuleSet, domains: HashSet<String>) -> Self {
+        let identities = crate::modules::identities(&services.settings);
+        let caps = Caps::new(&identities, modules.features(), &[]);
         Core {
             services,
             modules,
+            caps,
             domains,
         }
     }
 
     pub(crate) fn modules(&self) -> &ModuleSet {
         &self.modules
+    }
+
+    pub(crate) fn caps(&self) -> &Caps {
+        &self.caps
     }
 
     /// Processes one message from an edge.
@@ -554,6 +564,7 @@ impl Core {
         let ctx = IqContext {
             services: &self.services,
             features: self.modules.features(),
+            caps: &self.caps,
             from,
             target: &target,
             domain,

@@ -168,8 +168,18 @@ pub(crate) async fn start(
     )
     .context("cannot build the router")?;
 
+    // XEP-0115 §6.3: the edge advertises what the router's disco#info answers.
+    let caps = router.caps();
+    let edge_settings = starling_edge::Settings {
+        caps: Some(starling_edge::ServerCaps {
+            hash: starling_router::caps::HASH.to_owned(),
+            node: caps.node.clone(),
+            ver: caps.ver.clone(),
+        }),
+        ..edge_settings(checked)
+    };
     let edge = Edge::new(
-        edge_settings(checked),
+        edge_settings,
         EdgeDeps {
             node: deps.node.clone(),
             domains: config.server.domains.clone(),
