@@ -16,7 +16,7 @@ mod common;
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use common::tokio_xmpp::{Transport, TxClient};
+use common::tokio_xmpp::{Transport, TxClient, TxStream};
 use common::{PASSWORD, WAIT, register};
 use serde_json::{Value, json};
 use starling_system_tests::{PyArgs, PyProcess, unique_user};
@@ -35,6 +35,8 @@ const FORWARD_NS: &str = "urn:xmpp:forward:0";
 const DELAY_NS: &str = "urn:xmpp:delay";
 const CLIENT_NS: &str = "jabber:client";
 const STANZAS_NS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
+const CSI_NS: &str = "urn:xmpp:csi:0";
+const CAPS_NS: &str = "http://jabber.org/protocol/caps";
 
 fn start_server() -> TestServer {
     TestServer::builder()
@@ -494,8 +496,11 @@ async fn handshake_to_both(x: &mut impl ImClient, y: &mut impl ImClient) {
     y.expect_presence(&xb, "subscribed").await;
     y.expect_presence(&x.full(), "available").await;
 
-    assert_eq!(x.roster().await, vec![Row::new(&yb, "both", None)]);
-    assert_eq!(y.roster().await, vec![Row::new(&xb, "both", None)]);
+    let of = |rows: Vec<Row>, jid: &str| -> Vec<Row> {
+        rows.into_iter().filter(|r| r.jid == jid).collect()
+    };
+    assert_eq!(of(x.roster().await, &yb), vec![Row::new(&yb, "both", None)]);
+    assert_eq!(of(y.roster().await, &xb), vec![Row::new(&xb, "both", None)]);
 }
 
 /// Cancels a `both` subscription from both ends with `kind` (`unsubscribe`: each stops its
@@ -941,4 +946,345 @@ async fn a_message_to_a_blocked_jid_is_refused_with_the_blocked_condition() {
         refused["app"], "{urn:xmpp:blocking:errors}blocked",
         "{refused}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client State Indication (XEP-0352), the server's entity capabilities (XEP-0115) and the
+// answer to a probe of a contact that is offline (RFC 6121 §4.3.2).
+//
+// Holding is shown without waiting, like absence above: the contacts' presences are routed
+// (their own round trip returns), then the inactive client's own round trip returns after
+// whatever was queued for it; what it has not received by then is held.
+
+impl Tx {
+    /// Available presence with a status text (RFC 6121 §4.7.2.2).
+    async fn status(&mut self, text: &str) {
+        let mut p = Presence::available();
+        p.set_status("", text);
+        self.client.send(p).await;
+    }
+}
+
+impl Sli {
+    /// The statuses of the presences from `bare` received and set aside so far, in order.
+    fn statuses_from(&self, bare: &str) -> Vec<String> {
+        self.py
+            .backlog()
+            .filter(|v| {
+                v["event"] == "presence" && v["from"].as_str().is_some_and(|f| from_is(f, bare))
+            })
+            .filter_map(|v| v["status"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    async fn status(&mut self, text: &str) {
+        self.cmd(json!({"cmd": "presence", "status": text})).await;
+    }
+}
+
+/// The statuses of the presences from `bare` among `stanzas`, in order.
+fn statuses_from(stanzas: &[Stanza], bare: &str) -> Vec<String> {
+    stanzas
+        .iter()
+        .filter_map(|s| match s {
+            Stanza::Presence(p) if p.from.as_ref().is_some_and(|f| from_is(f.as_str(), bare)) => {
+                p.statuses.values().next().cloned()
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+/// A counter of the server's `/metrics`, 0 when absent.
+fn counter(server: &TestServer, name: &str, labels: &[(&str, &str)]) -> f64 {
+    server
+        .fetch_metrics()
+        .unwrap_or_else(|e| panic!("scraping /metrics: {e}"))
+        .metric(name, labels)
+        .unwrap_or(0.0)
+}
+
+/// What both CSI tests check on the server side: three presences were superseded
+/// (b1, b2, c1) and two written from the buffer (b3 before the message, c2 on active).
+fn assert_csi_counted(server: &TestServer) {
+    let total = "starling_csi_presences_total";
+    assert_eq!(counter(server, total, &[("outcome", "held")]), 5.0);
+    assert_eq!(counter(server, total, &[("outcome", "superseded")]), 3.0);
+    assert_eq!(counter(server, total, &[("outcome", "written")]), 2.0);
+    assert_eq!(counter(server, "starling_csi_inactive_streams", &[]), 0.0);
+    assert_eq!(counter(server, "starling_csi_held_presences", &[]), 0.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slixmpp_inactive_gets_only_the_latest_presence_per_contact_and_messages_at_once() {
+    let server = start_server();
+    let a = register(&server, &unique_user("csia")).await;
+    let b = register(&server, &unique_user("csib")).await;
+    let c = register(&server, &unique_user("csic")).await;
+    let d = register(&server, &unique_user("csid")).await;
+    let mut sa = Sli::start(&server, &a, &[]).await;
+    let mut tb = Tx::login(&server, &b, Some(0)).await;
+    let mut tc = Tx::login(&server, &c, Some(0)).await;
+    let mut td = Tx::login(&server, &d, Some(0)).await;
+    handshake_to_both(&mut sa, &mut tb).await;
+    handshake_to_both(&mut sa, &mut tc).await;
+
+    // slixmpp sends <inactive/> only because the server advertised <csi/>.
+    sa.cmd(json!({"cmd": "csi", "state": "inactive"})).await;
+    sa.barrier().await;
+    for s in ["b1", "b2", "b3"] {
+        tb.status(s).await;
+    }
+    tb.barrier().await;
+    for s in ["c1", "c2"] {
+        tc.status(s).await;
+    }
+    tc.barrier().await;
+    sa.barrier().await;
+    assert!(
+        sa.statuses_from(&b).is_empty(),
+        "held: {:?}",
+        sa.statuses_from(&b)
+    );
+    assert!(
+        sa.statuses_from(&c).is_empty(),
+        "held: {:?}",
+        sa.statuses_from(&c)
+    );
+
+    // A message passes at once, after its sender's latest presence; C's stays held.
+    tb.send_chat(&sa.full(), "while inactive").await;
+    sa.expect_body("while inactive").await;
+    assert_eq!(sa.statuses_from(&b), ["b3"]);
+    assert!(sa.statuses_from(&c).is_empty());
+    // So does a subscription request.
+    td.sub(&sa.bare(), "subscribe").await;
+    sa.expect_presence(&d, "subscribe").await;
+    sa.barrier().await;
+    assert!(sa.statuses_from(&c).is_empty());
+
+    // Active: C's latest presence, and only that, before the next answer.
+    sa.cmd(json!({"cmd": "csi", "state": "active"})).await;
+    sa.barrier().await;
+    assert_eq!(sa.statuses_from(&c), ["c2"]);
+    assert_eq!(sa.statuses_from(&b), ["b3"], "nothing written twice");
+    // Presence flows at once again.
+    tc.status("c3").await;
+    sa.expect("c3 at once", |v| {
+        v["event"] == "presence" && v["status"] == "c3"
+    })
+    .await;
+    assert_csi_counted(&server);
+    for t in [tb, tc, td] {
+        t.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_xmpp_inactive_gets_only_the_latest_presence_per_contact_and_messages_at_once() {
+    let server = start_server();
+    let a = register(&server, &unique_user("csia")).await;
+    let b = register(&server, &unique_user("csib")).await;
+    let c = register(&server, &unique_user("csic")).await;
+    let d = register(&server, &unique_user("csid")).await;
+    let mut sb = Sli::start(&server, &b, &[]).await;
+    let mut sc = Sli::start(&server, &c, &[]).await;
+    let mut sd = Sli::start(&server, &d, &[]).await;
+    // The subscriptions are made with tokio-xmpp's StanzaStream first; the session that
+    // indicates its state then logs in on tokio-xmpp's XML stream, which can send nonzas.
+    let mut setup = Tx::login(&server, &a, Some(0)).await;
+    handshake_to_both(&mut setup, &mut sb).await;
+    handshake_to_both(&mut setup, &mut sc).await;
+    setup.close().await;
+    let jid: BareJid = a.parse().unwrap();
+    let mut ta = TxStream::connect(
+        server.starttls_addr(),
+        Transport::StartTls,
+        server.cert(),
+        &jid,
+        PASSWORD,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("tokio-xmpp stream login: {e}"));
+    let features = ta.features();
+    assert!(
+        features.others.iter().any(|e| e.is("csi", CSI_NS)),
+        "no <csi/> in {features:?}"
+    );
+    ta.send(Presence::available()).await.unwrap();
+    ta.barrier().await.unwrap();
+    ta.indicate(true).await.unwrap();
+    ta.barrier().await.unwrap();
+    ta.take_backlog();
+
+    for s in ["b1", "b2", "b3"] {
+        sb.status(s).await;
+    }
+    sb.barrier().await;
+    for s in ["c1", "c2"] {
+        sc.status(s).await;
+    }
+    sc.barrier().await;
+    ta.barrier().await.unwrap();
+    let seen = ta.take_backlog();
+    assert!(statuses_from(&seen, &b).is_empty(), "held: {seen:?}");
+    assert!(statuses_from(&seen, &c).is_empty(), "held: {seen:?}");
+
+    // A message passes at once, after its sender's latest presence; C's stays held.
+    sb.cmd(json!({"cmd": "message", "to": ta.jid().to_string(), "body": "while inactive"}))
+        .await;
+    ta.expect(
+        "the message",
+        |s| matches!(s, Stanza::Message(m) if m.bodies.values().any(|b| b == "while inactive")),
+    )
+    .await
+    .unwrap();
+    let seen = ta.take_backlog();
+    assert_eq!(statuses_from(&seen, &b), ["b3"], "{seen:?}");
+    assert!(statuses_from(&seen, &c).is_empty(), "{seen:?}");
+    // So does a subscription request.
+    sd.sub(&a, "subscribe").await;
+    ta.expect(
+        "the subscription request",
+        |s| matches!(s, Stanza::Presence(p) if p.type_ == PresenceType::Subscribe),
+    )
+    .await
+    .unwrap();
+    ta.barrier().await.unwrap();
+    assert!(statuses_from(&ta.take_backlog(), &c).is_empty());
+
+    // Active: C's latest presence, and only that, before the next answer.
+    ta.indicate(false).await.unwrap();
+    ta.barrier().await.unwrap();
+    let seen = ta.take_backlog();
+    assert_eq!(statuses_from(&seen, &c), ["c2"], "{seen:?}");
+    assert!(
+        statuses_from(&seen, &b).is_empty(),
+        "nothing written twice: {seen:?}"
+    );
+    sc.status("c3").await;
+    ta.expect(
+        "c3 at once",
+        |s| matches!(s, Stanza::Presence(p) if p.statuses.values().any(|t| t == "c3")),
+    )
+    .await
+    .unwrap();
+    assert_csi_counted(&server);
+    ta.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_caps_ver_is_validated_by_slixmpp_and_recomputed_by_tokio_xmpp() {
+    use tokio_xmpp::parsers::caps::{Caps, compute_disco, hash_caps, query_caps};
+    use tokio_xmpp::parsers::hashes::Algo;
+
+    let server = start_server();
+    let a = register(&server, &unique_user("capsa")).await;
+    let b = register(&server, &unique_user("capsb")).await;
+    // slixmpp's XEP-0115 plugin handles the <c/> stream feature by itself: it asks for
+    // disco#info of node#ver and accepts the ver only if its own hash of the answer matches.
+    let mut sa = Sli::start(&server, &a, &["--caps"]).await;
+    let reply = sa.cmd(json!({"cmd": "server_caps"})).await;
+    let advertised = &reply["advertised"];
+    let ver = advertised["ver"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{reply}"));
+    assert_eq!(advertised["hash"], "sha-1", "{reply}");
+    assert_eq!(
+        reply["validated"].as_str(),
+        Some(ver),
+        "slixmpp did not validate: {reply}"
+    );
+    assert_eq!(
+        reply["computed"].as_str(),
+        Some(ver),
+        "plain disco#info differs: {reply}"
+    );
+
+    // tokio-xmpp (xmpp-parsers' caps) recomputes it from the node's disco#info and the
+    // plain one.
+    let jid: BareJid = b.parse().unwrap();
+    let mut tb = TxStream::connect(
+        server.starttls_addr(),
+        Transport::StartTls,
+        server.cert(),
+        &jid,
+        PASSWORD,
+    )
+    .await
+    .unwrap_or_else(|e| panic!("tokio-xmpp stream login: {e}"));
+    let c = tb
+        .features()
+        .others
+        .iter()
+        .find(|e| e.is("c", CAPS_NS))
+        .cloned()
+        .unwrap_or_else(|| panic!("no <c/> in {:?}", tb.features()));
+    let caps = Caps::try_from(c).unwrap_or_else(|e| panic!("bad <c/>: {e:?}"));
+    assert_eq!(caps.hash, Algo::Sha_1);
+    assert_eq!(Some(caps.node.as_str()), advertised["node"].as_str());
+    let node = format!("{}#{ver}", caps.node);
+    let info = tb.disco_info_server(Some(node.clone())).await.unwrap();
+    assert_eq!(info.node.as_deref(), Some(node.as_str()));
+    assert!(info.features.contains(CAPS_NS), "{info:?}");
+    let plain = tb.disco_info_server(None).await.unwrap();
+    for answer in [&info, &plain] {
+        let hash = hash_caps(&compute_disco(answer), Algo::Sha_1).unwrap();
+        assert_eq!(hash.hash, caps.ver, "{answer:?}");
+    }
+    // xmpp-parsers' own node#ver (its Base64 of the decoded ver) is the one slixmpp saw.
+    assert_eq!(query_caps(caps).node.as_deref(), Some(node.as_str()));
+    tb.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_of_an_offline_contact_is_answered_with_its_last_unavailable_presence() {
+    let server = start_server();
+    let a = register(&server, &unique_user("proba")).await;
+    let b = register(&server, &unique_user("probb")).await;
+    let mut sa = Sli::start(&server, &a, &[]).await;
+    let mut tb = Tx::login(&server, &b, Some(0)).await;
+    handshake_to_both(&mut sa, &mut tb).await;
+    // B leaves with a status, and A logs in again later.
+    let mut gone = Presence::new(PresenceType::Unavailable);
+    gone.set_status("", "gone fishing");
+    tb.client.send(gone).await;
+    sa.expect_presence(&tb.full(), "unavailable").await;
+    tb.close().await;
+    sa.cmd(json!({"cmd": "disconnect"})).await;
+
+    // slixmpp's initial presence probes B: the answer is B's last unavailable, stamped.
+    let mut sa = Sli::start(&server, &a, &[]).await;
+    let answer = sa
+        .expect("B's last presence", |v| {
+            v["event"] == "presence"
+                && v["type"] == "unavailable"
+                && v["from"].as_str().is_some_and(|f| from_is(f, &b))
+        })
+        .await;
+    assert_eq!(answer["status"], "gone fishing", "{answer}");
+    assert!(answer["delay"].is_string(), "no <delay/>: {answer}");
+
+    // B comes back and its connection ends: the unavailable the server wrote for it is the
+    // answer to tokio-xmpp's probe now.
+    let tb = Tx::login(&server, &b, Some(0)).await;
+    sa.expect_presence(&tb.full(), "available").await;
+    tb.close().await;
+    sa.expect_presence(&b, "unavailable").await;
+    let mut ta = Tx::login(&server, &a, Some(0)).await;
+    let p = ta
+        .expect("B's last presence", |s| {
+            matches!(s, Stanza::Presence(p) if p.type_ == PresenceType::Unavailable
+                && p.from.as_ref().is_some_and(|f| from_is(f.as_str(), &b)))
+        })
+        .await;
+    let Stanza::Presence(p) = p else {
+        unreachable!()
+    };
+    assert!(p.statuses.is_empty(), "{p:?}");
+    assert!(
+        p.payloads.iter().any(|e| e.is("delay", DELAY_NS)),
+        "no <delay/>: {p:?}"
+    );
+    ta.close().await;
 }
