@@ -4,8 +4,14 @@
 //! §2.1.6, §3.1-§3.3), presence broadcast and probes and the unavailable presence sent when a
 //! session ends cleanly or its connection is lost (§4.2-§4.5), offline messages with
 //! XEP-0203 stamps and offline subscription requests (§3.1.3, §8.5.2, XEP-0160), bare-JID
-//! message delivery by priority (§8.5.2.1.1), Message Carbons (XEP-0280) and the Blocking
-//! Command (XEP-0191). Each test starts its own server.
+//! message delivery by priority (§8.5.2.1.1), Message Carbons (XEP-0280), the Blocking
+//! Command (XEP-0191), Client State Indication (XEP-0352: presence held while inactive, the
+//! latest per contact, flushed on active), the server's entity capabilities (XEP-0115, its
+//! `ver` checked by both libraries' own hashing) and the answer to a probe of an offline
+//! contact (§4.3.2). Each test starts its own server. (Unavailable presence for sessions the
+//! registry removes in bulk needs an edge that goes away without the rest of the server,
+//! which `starling serve` cannot do; `crates/router/tests/lease_expiry.rs` shows it over the
+//! Raft registry.)
 //!
 //! Absence is never shown by waiting: a stanza that must not reach a session is followed by a
 //! marker that must, sent after it on the same ordered path (the router keeps one sender's

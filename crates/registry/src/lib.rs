@@ -3,7 +3,9 @@
 //! edges and routers are alive (leases).
 //!
 //! Edges write to it when a resource is bound, changes presence or goes away; routers read
-//! it to decide where a stanza goes. Everything goes through the [`SessionRegistry`] trait,
+//! it to decide where a stanza goes, and learn from [`SessionRegistry::node_removals`] of the
+//! sessions it removed in bulk when their edge went away ([`NodeRemoved`]), so they can
+//! broadcast unavailable presence for them. Everything goes through the [`SessionRegistry`] trait,
 //! so the same edge and router code runs over the in-process [`LocalRegistry`] of
 //! `starling serve` and over the Raft-replicated, sharded registry of a cluster
 //! ([`RegistryClient`] talking to [`node::RegistryNode`]s).
