@@ -120,6 +120,10 @@ trait ImClient {
     async fn expect_presence(&mut self, from: &str, kind: &str);
     /// A fresh roster get.
     async fn roster(&mut self) -> Vec<Row>;
+    /// Available presence with a status text (RFC 6121 §4.7.2.2).
+    async fn status(&mut self, text: &str);
+    /// Sends a chat message.
+    async fn chat(&mut self, to: &str, body: &str);
 }
 
 /// A slixmpp session in `im_peer.py`.
@@ -233,6 +237,15 @@ impl ImClient for Sli {
     async fn roster(&mut self) -> Vec<Row> {
         let reply = self.cmd(json!({"cmd": "roster"})).await;
         rows_of_json(reply.get("items"))
+    }
+
+    async fn status(&mut self, text: &str) {
+        self.cmd(json!({"cmd": "presence", "status": text})).await;
+    }
+
+    async fn chat(&mut self, to: &str, body: &str) {
+        self.cmd(json!({"cmd": "message", "to": to, "body": body}))
+            .await;
     }
 }
 
@@ -471,6 +484,16 @@ impl ImClient for Tx {
             .unwrap_or_else(|e| panic!("roster get: {e}"))
             .unwrap_or_else(|| panic!("an empty roster result"));
         rows_of_query(&payload)
+    }
+
+    async fn status(&mut self, text: &str) {
+        let mut p = Presence::available();
+        p.set_status("", text);
+        self.client.send(p).await;
+    }
+
+    async fn chat(&mut self, to: &str, body: &str) {
+        self.send_chat(to, body).await;
     }
 }
 
@@ -962,17 +985,37 @@ async fn a_message_to_a_blocked_jid_is_refused_with_the_blocked_condition() {
 // (their own round trip returns), then the inactive client's own round trip returns after
 // whatever was queued for it; what it has not received by then is held.
 
-impl Tx {
-    /// Available presence with a status text (RFC 6121 §4.7.2.2).
-    async fn status(&mut self, text: &str) {
-        let mut p = Presence::available();
-        p.set_status("", text);
-        self.client.send(p).await;
-    }
+/// The client that tells the server its state, in the CSI scenario.
+trait CsiClient {
+    /// The session's full JID.
+    fn me(&self) -> String;
+    /// Sends `<inactive/>` (`true`) or `<active/>`.
+    async fn indicate(&mut self, inactive: bool);
+    /// A round trip through the server on this stream: what was delivered to the session
+    /// before has been received when it returns.
+    async fn round_trip(&mut self);
+    /// The statuses of the presences from `bare` received and set aside so far, in order.
+    fn statuses_from(&self, bare: &str) -> Vec<String>;
+    async fn expect_chat(&mut self, body: &str);
+    async fn expect_subscribe(&mut self, from: &str);
+    async fn expect_status(&mut self, status: &str);
 }
 
-impl Sli {
-    /// The statuses of the presences from `bare` received and set aside so far, in order.
+impl CsiClient for Sli {
+    fn me(&self) -> String {
+        self.full.clone()
+    }
+
+    async fn indicate(&mut self, inactive: bool) {
+        // slixmpp sends the nonza only because the server advertised <csi/>.
+        let state = if inactive { "inactive" } else { "active" };
+        self.cmd(json!({"cmd": "csi", "state": state})).await;
+    }
+
+    async fn round_trip(&mut self) {
+        self.barrier().await;
+    }
+
     fn statuses_from(&self, bare: &str) -> Vec<String> {
         self.py
             .backlog()
@@ -983,26 +1026,87 @@ impl Sli {
             .collect()
     }
 
-    async fn status(&mut self, text: &str) {
-        self.cmd(json!({"cmd": "presence", "status": text})).await;
+    async fn expect_chat(&mut self, body: &str) {
+        self.expect_body(body).await;
+    }
+
+    async fn expect_subscribe(&mut self, from: &str) {
+        self.expect_presence(from, "subscribe").await;
+    }
+
+    async fn expect_status(&mut self, status: &str) {
+        self.expect(status, |v| {
+            v["event"] == "presence" && v["status"] == status
+        })
+        .await;
     }
 }
 
-/// The statuses of the presences from `bare` among `stanzas`, in order.
-fn statuses_from(stanzas: &[Stanza], bare: &str) -> Vec<String> {
-    stanzas
-        .iter()
-        .filter_map(|s| match s {
-            Stanza::Presence(p) if p.from.as_ref().is_some_and(|f| from_is(f.as_str(), bare)) => {
-                p.statuses.values().next().cloned()
-            }
-            _ => None,
-        })
-        .collect()
+/// A tokio-xmpp session on tokio-xmpp's XML stream, which can send nonzas.
+struct TxCsi(TxStream);
+
+impl TxCsi {
+    async fn expect(&mut self, what: &str, pred: impl FnMut(&Stanza) -> bool) {
+        if let Err(e) = self.0.expect(what, pred).await {
+            panic!("{e}");
+        }
+    }
 }
 
-/// A counter of the server's `/metrics`, 0 when absent.
-fn counter(server: &TestServer, name: &str, labels: &[(&str, &str)]) -> f64 {
+impl CsiClient for TxCsi {
+    fn me(&self) -> String {
+        self.0.jid().to_string()
+    }
+
+    async fn indicate(&mut self, inactive: bool) {
+        self.0.indicate(inactive).await.unwrap();
+    }
+
+    async fn round_trip(&mut self) {
+        self.0.barrier().await.unwrap();
+    }
+
+    fn statuses_from(&self, bare: &str) -> Vec<String> {
+        self.0
+            .backlog()
+            .filter_map(|s| match s {
+                Stanza::Presence(p)
+                    if p.from.as_ref().is_some_and(|f| from_is(f.as_str(), bare)) =>
+                {
+                    p.statuses.values().next().cloned()
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    async fn expect_chat(&mut self, body: &str) {
+        self.expect(
+            body,
+            |s| matches!(s, Stanza::Message(m) if m.bodies.values().any(|b| b == body)),
+        )
+        .await;
+    }
+
+    async fn expect_subscribe(&mut self, from: &str) {
+        self.expect("a subscription request", |s| {
+            matches!(s, Stanza::Presence(p) if p.type_ == PresenceType::Subscribe
+                && p.from.as_ref().is_some_and(|f| from_is(f.as_str(), from)))
+        })
+        .await;
+    }
+
+    async fn expect_status(&mut self, status: &str) {
+        self.expect(
+            status,
+            |s| matches!(s, Stanza::Presence(p) if p.statuses.values().any(|t| t == status)),
+        )
+        .await;
+    }
+}
+
+/// A counter or gauge of the server's `/metrics`, 0 when absent.
+fn metric(server: &TestServer, name: &str, labels: &[(&str, &str)]) -> f64 {
     server
         .fetch_metrics()
         .unwrap_or_else(|e| panic!("scraping /metrics: {e}"))
@@ -1010,77 +1114,87 @@ fn counter(server: &TestServer, name: &str, labels: &[(&str, &str)]) -> f64 {
         .unwrap_or(0.0)
 }
 
-/// What both CSI tests check on the server side: three presences were superseded
-/// (b1, b2, c1) and two written from the buffer (b3 before the message, c2 on active).
-fn assert_csi_counted(server: &TestServer) {
+/// XEP-0352 with `a` inactive, subscribed both ways to `b` and `c`: presence changes of both
+/// are held, the latest per contact; a message from `b` passes at once, after `b`'s latest
+/// presence, and so does `d`'s subscription request, while `c`'s presence stays held; on
+/// `<active/>` only `c`'s latest is written, before anything that follows; then presence
+/// flows at once again. The server counts three presences superseded and two written from
+/// the buffer.
+async fn csi_scenario(
+    server: &TestServer,
+    a: &mut impl CsiClient,
+    b: &mut impl ImClient,
+    c: &mut impl ImClient,
+    d: &mut impl ImClient,
+) {
+    let (bb, cb) = (b.bare(), c.bare());
+    a.indicate(true).await;
+    a.round_trip().await;
+    for s in ["b1", "b2", "b3"] {
+        b.status(s).await;
+    }
+    b.roster().await;
+    for s in ["c1", "c2"] {
+        c.status(s).await;
+    }
+    c.roster().await;
+    a.round_trip().await;
+    assert!(
+        a.statuses_from(&bb).is_empty(),
+        "{:?}",
+        a.statuses_from(&bb)
+    );
+    assert!(
+        a.statuses_from(&cb).is_empty(),
+        "{:?}",
+        a.statuses_from(&cb)
+    );
+
+    b.chat(&a.me(), "while inactive").await;
+    a.expect_chat("while inactive").await;
+    assert_eq!(a.statuses_from(&bb), ["b3"]);
+    assert!(a.statuses_from(&cb).is_empty());
+    let a_bare = a.me().split('/').next().unwrap_or_default().to_owned();
+    d.sub(&a_bare, "subscribe").await;
+    a.expect_subscribe(&d.bare()).await;
+    a.round_trip().await;
+    assert!(a.statuses_from(&cb).is_empty());
+
+    a.indicate(false).await;
+    a.round_trip().await;
+    assert_eq!(a.statuses_from(&cb), ["c2"]);
+    assert_eq!(a.statuses_from(&bb), ["b3"], "nothing written twice");
+    c.status("c3").await;
+    a.expect_status("c3").await;
+
     let total = "starling_csi_presences_total";
-    assert_eq!(counter(server, total, &[("outcome", "held")]), 5.0);
-    assert_eq!(counter(server, total, &[("outcome", "superseded")]), 3.0);
-    assert_eq!(counter(server, total, &[("outcome", "written")]), 2.0);
-    assert_eq!(counter(server, "starling_csi_inactive_streams", &[]), 0.0);
-    assert_eq!(counter(server, "starling_csi_held_presences", &[]), 0.0);
+    assert_eq!(metric(server, total, &[("outcome", "held")]), 5.0);
+    assert_eq!(metric(server, total, &[("outcome", "superseded")]), 3.0);
+    assert_eq!(metric(server, total, &[("outcome", "written")]), 2.0);
+    assert_eq!(metric(server, "starling_csi_inactive_streams", &[]), 0.0);
+    assert_eq!(metric(server, "starling_csi_held_presences", &[]), 0.0);
+}
+
+/// Registers one account per prefix; returns their bare JIDs.
+async fn accounts<const N: usize>(server: &TestServer, prefixes: [&str; N]) -> [String; N] {
+    let mut out = [const { String::new() }; N];
+    for (jid, prefix) in out.iter_mut().zip(prefixes) {
+        *jid = register(server, &unique_user(prefix)).await;
+    }
+    out
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slixmpp_inactive_gets_only_the_latest_presence_per_contact_and_messages_at_once() {
     let server = start_server();
-    let a = register(&server, &unique_user("csia")).await;
-    let b = register(&server, &unique_user("csib")).await;
-    let c = register(&server, &unique_user("csic")).await;
-    let d = register(&server, &unique_user("csid")).await;
+    let [a, b, c, d] = accounts(&server, ["csia", "csib", "csic", "csid"]).await;
     let mut sa = Sli::start(&server, &a, &[]).await;
     let mut tb = Tx::login(&server, &b, Some(0)).await;
     let mut tc = Tx::login(&server, &c, Some(0)).await;
     let mut td = Tx::login(&server, &d, Some(0)).await;
     handshake_to_both(&mut sa, &mut tb).await;
     handshake_to_both(&mut sa, &mut tc).await;
-
-    // slixmpp sends <inactive/> only because the server advertised <csi/>.
-    sa.cmd(json!({"cmd": "csi", "state": "inactive"})).await;
-    sa.barrier().await;
-    for s in ["b1", "b2", "b3"] {
-        tb.status(s).await;
-    }
-    tb.barrier().await;
-    for s in ["c1", "c2"] {
-        tc.status(s).await;
-    }
-    tc.barrier().await;
-    sa.barrier().await;
-    assert!(
-        sa.statuses_from(&b).is_empty(),
-        "held: {:?}",
-        sa.statuses_from(&b)
-    );
-    assert!(
-        sa.statuses_from(&c).is_empty(),
-        "held: {:?}",
-        sa.statuses_from(&c)
-    );
-
-    // A message passes at once, after its sender's latest presence; C's stays held.
-    tb.send_chat(&sa.full(), "while inactive").await;
-    sa.expect_body("while inactive").await;
-    assert_eq!(sa.statuses_from(&b), ["b3"]);
-    assert!(sa.statuses_from(&c).is_empty());
-    // So does a subscription request.
-    td.sub(&sa.bare(), "subscribe").await;
-    sa.expect_presence(&d, "subscribe").await;
-    sa.barrier().await;
-    assert!(sa.statuses_from(&c).is_empty());
-
-    // Active: C's latest presence, and only that, before the next answer.
-    sa.cmd(json!({"cmd": "csi", "state": "active"})).await;
-    sa.barrier().await;
-    assert_eq!(sa.statuses_from(&c), ["c2"]);
-    assert_eq!(sa.statuses_from(&b), ["b3"], "nothing written twice");
-    // Presence flows at once again.
-    tc.status("c3").await;
-    sa.expect("c3 at once", |v| {
-        v["event"] == "presence" && v["status"] == "c3"
-    })
-    .await;
-    assert_csi_counted(&server);
+    csi_scenario(&server, &mut sa, &mut tb, &mut tc, &mut td).await;
     for t in [tb, tc, td] {
         t.close().await;
     }
@@ -1089,10 +1203,7 @@ async fn slixmpp_inactive_gets_only_the_latest_presence_per_contact_and_messages
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tokio_xmpp_inactive_gets_only_the_latest_presence_per_contact_and_messages_at_once() {
     let server = start_server();
-    let a = register(&server, &unique_user("csia")).await;
-    let b = register(&server, &unique_user("csib")).await;
-    let c = register(&server, &unique_user("csic")).await;
-    let d = register(&server, &unique_user("csid")).await;
+    let [a, b, c, d] = accounts(&server, ["csia", "csib", "csic", "csid"]).await;
     let mut sb = Sli::start(&server, &b, &[]).await;
     let mut sc = Sli::start(&server, &c, &[]).await;
     let mut sd = Sli::start(&server, &d, &[]).await;
@@ -1102,8 +1213,23 @@ async fn tokio_xmpp_inactive_gets_only_the_latest_presence_per_contact_and_messa
     handshake_to_both(&mut setup, &mut sb).await;
     handshake_to_both(&mut setup, &mut sc).await;
     setup.close().await;
-    let jid: BareJid = a.parse().unwrap();
-    let mut ta = TxStream::connect(
+    let mut ta = TxCsi(tx_stream(&server, &a).await);
+    let features = ta.0.features();
+    assert!(
+        features.others.iter().any(|e| e.is("csi", CSI_NS)),
+        "no <csi/> in {features:?}"
+    );
+    ta.0.send(Presence::available()).await.unwrap();
+    // The answers to the initial presence's probes arrive while the client is active.
+    ta.round_trip().await;
+    csi_scenario(&server, &mut ta, &mut sb, &mut sc, &mut sd).await;
+    ta.0.close().await;
+}
+
+/// A tokio-xmpp XML-stream session of `bare` over STARTTLS.
+async fn tx_stream(server: &TestServer, bare: &str) -> TxStream {
+    let jid: BareJid = bare.parse().unwrap_or_else(|e| panic!("{bare}: {e}"));
+    TxStream::connect(
         server.starttls_addr(),
         Transport::StartTls,
         server.cert(),
@@ -1111,72 +1237,7 @@ async fn tokio_xmpp_inactive_gets_only_the_latest_presence_per_contact_and_messa
         PASSWORD,
     )
     .await
-    .unwrap_or_else(|e| panic!("tokio-xmpp stream login: {e}"));
-    let features = ta.features();
-    assert!(
-        features.others.iter().any(|e| e.is("csi", CSI_NS)),
-        "no <csi/> in {features:?}"
-    );
-    ta.send(Presence::available()).await.unwrap();
-    ta.barrier().await.unwrap();
-    ta.indicate(true).await.unwrap();
-    ta.barrier().await.unwrap();
-    ta.take_backlog();
-
-    for s in ["b1", "b2", "b3"] {
-        sb.status(s).await;
-    }
-    sb.barrier().await;
-    for s in ["c1", "c2"] {
-        sc.status(s).await;
-    }
-    sc.barrier().await;
-    ta.barrier().await.unwrap();
-    let seen = ta.take_backlog();
-    assert!(statuses_from(&seen, &b).is_empty(), "held: {seen:?}");
-    assert!(statuses_from(&seen, &c).is_empty(), "held: {seen:?}");
-
-    // A message passes at once, after its sender's latest presence; C's stays held.
-    sb.cmd(json!({"cmd": "message", "to": ta.jid().to_string(), "body": "while inactive"}))
-        .await;
-    ta.expect(
-        "the message",
-        |s| matches!(s, Stanza::Message(m) if m.bodies.values().any(|b| b == "while inactive")),
-    )
-    .await
-    .unwrap();
-    let seen = ta.take_backlog();
-    assert_eq!(statuses_from(&seen, &b), ["b3"], "{seen:?}");
-    assert!(statuses_from(&seen, &c).is_empty(), "{seen:?}");
-    // So does a subscription request.
-    sd.sub(&a, "subscribe").await;
-    ta.expect(
-        "the subscription request",
-        |s| matches!(s, Stanza::Presence(p) if p.type_ == PresenceType::Subscribe),
-    )
-    .await
-    .unwrap();
-    ta.barrier().await.unwrap();
-    assert!(statuses_from(&ta.take_backlog(), &c).is_empty());
-
-    // Active: C's latest presence, and only that, before the next answer.
-    ta.indicate(false).await.unwrap();
-    ta.barrier().await.unwrap();
-    let seen = ta.take_backlog();
-    assert_eq!(statuses_from(&seen, &c), ["c2"], "{seen:?}");
-    assert!(
-        statuses_from(&seen, &b).is_empty(),
-        "nothing written twice: {seen:?}"
-    );
-    sc.status("c3").await;
-    ta.expect(
-        "c3 at once",
-        |s| matches!(s, Stanza::Presence(p) if p.statuses.values().any(|t| t == "c3")),
-    )
-    .await
-    .unwrap();
-    assert_csi_counted(&server);
-    ta.close().await;
+    .unwrap_or_else(|e| panic!("tokio-xmpp stream login as {bare}: {e}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -1185,8 +1246,7 @@ async fn the_server_caps_ver_is_validated_by_slixmpp_and_recomputed_by_tokio_xmp
     use tokio_xmpp::parsers::hashes::Algo;
 
     let server = start_server();
-    let a = register(&server, &unique_user("capsa")).await;
-    let b = register(&server, &unique_user("capsb")).await;
+    let [a, b] = accounts(&server, ["capsa", "capsb"]).await;
     // slixmpp's XEP-0115 plugin handles the <c/> stream feature by itself: it asks for
     // disco#info of node#ver and accepts the ver only if its own hash of the answer matches.
     let mut sa = Sli::start(&server, &a, &["--caps"]).await;
@@ -1209,16 +1269,7 @@ async fn the_server_caps_ver_is_validated_by_slixmpp_and_recomputed_by_tokio_xmp
 
     // tokio-xmpp (xmpp-parsers' caps) recomputes it from the node's disco#info and the
     // plain one.
-    let jid: BareJid = b.parse().unwrap();
-    let mut tb = TxStream::connect(
-        server.starttls_addr(),
-        Transport::StartTls,
-        server.cert(),
-        &jid,
-        PASSWORD,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("tokio-xmpp stream login: {e}"));
+    let mut tb = tx_stream(&server, &b).await;
     let c = tb
         .features()
         .others
@@ -1246,8 +1297,7 @@ async fn the_server_caps_ver_is_validated_by_slixmpp_and_recomputed_by_tokio_xmp
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_probe_of_an_offline_contact_is_answered_with_its_last_unavailable_presence() {
     let server = start_server();
-    let a = register(&server, &unique_user("proba")).await;
-    let b = register(&server, &unique_user("probb")).await;
+    let [a, b] = accounts(&server, ["proba", "probb"]).await;
     let mut sa = Sli::start(&server, &a, &[]).await;
     let mut tb = Tx::login(&server, &b, Some(0)).await;
     handshake_to_both(&mut sa, &mut tb).await;

@@ -530,6 +530,19 @@ fn features_of(reply: &Element) -> Vec<String> {
         .collect()
 }
 
+/// Juliet's disco#`kind` (`info` or `items`) query of the server's `node`, and its answer.
+async fn disco_node(h: &mut Harness, id: &str, kind: &str, node: &str) -> Element {
+    h.send(
+        "juliet@example.org/home",
+        &format!(
+            "<iq type='get' id='{id}' to='example.org'>\
+             <query xmlns='http://jabber.org/protocol/disco#{kind}' node='{node}'/></iq>"
+        ),
+    )
+    .await;
+    h.delivery(1).await.1
+}
+
 #[tokio::test]
 async fn disco_lists_exactly_the_registered_features() {
     let mut h = Harness::new().await;
@@ -567,15 +580,7 @@ async fn disco_lists_exactly_the_registered_features() {
     // hash of exactly those identities and features (§5.1).
     let plain = text(&reply).to_owned();
     let node = h.caps.disco_node();
-    h.send(
-        "juliet@example.org/home",
-        &format!(
-            "<iq type='get' id='d1n' to='example.org'>\
-             <query xmlns='http://jabber.org/protocol/disco#info' node='{node}'/></iq>"
-        ),
-    )
-    .await;
-    let (_, with_node) = h.delivery(1).await;
+    let with_node = disco_node(&mut h, "d1n", "info", &node).await;
     assert_eq!(
         text(&with_node)
             .replace(&format!(" node='{node}'"), "")
@@ -589,15 +594,8 @@ async fn disco_lists_exactly_the_registered_features() {
     assert_eq!(h.caps.ver, expected);
     assert_eq!(h.caps.node, crate::caps::NODE);
     // Items of the caps node: it is no items node (§6.2).
-    h.send(
-        "juliet@example.org/home",
-        &format!(
-            "<iq type='get' id='d1i' to='example.org'>\
-             <query xmlns='http://jabber.org/protocol/disco#items' node='{node}'/></iq>"
-        ),
-    )
-    .await;
-    assert_eq!(condition(&h.delivery(1).await.1), "item-not-found");
+    let items = disco_node(&mut h, "d1i", "items", &node).await;
+    assert_eq!(condition(&items), "item-not-found");
     // Items: none yet.
     h.send(
         "juliet@example.org/home",

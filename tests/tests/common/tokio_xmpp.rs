@@ -615,9 +615,9 @@ impl TxStream {
         DiscoInfoResult::try_from(payload).map_err(|e| format!("bad disco#info result: {e:?}"))
     }
 
-    /// Takes what was set aside, oldest first.
-    pub(crate) fn take_backlog(&mut self) -> Vec<Stanza> {
-        self.backlog.drain(..).collect()
+    /// What was received and set aside so far, oldest first.
+    pub(crate) fn backlog(&self) -> impl Iterator<Item = &Stanza> {
+        self.backlog.iter()
     }
 
     /// Closes the stream (`</stream:stream>`).

@@ -7,7 +7,7 @@
 use async_trait::async_trait;
 use starling_xmpp::ns;
 
-use super::{IqContext, IqRequest, IqResult, IqTarget, Module};
+use super::Module;
 
 /// The XEP-0115 module (no IQ of its own).
 #[derive(Debug, Clone, Copy, Default)]
@@ -23,15 +23,5 @@ impl Module for EntityCaps {
 
     fn features(&self) -> &[&'static str] {
         FEATURES
-    }
-
-    fn handles_iq(&self, _target: &IqTarget, _ns: &str) -> bool {
-        false
-    }
-
-    async fn handle_iq(&self, _ctx: &IqContext<'_>, _iq: &IqRequest<'_>) -> IqResult {
-        IqResult::Error(starling_xmpp::StanzaError::new(
-            starling_xmpp::StanzaErrorCondition::ServiceUnavailable,
-        ))
     }
 }

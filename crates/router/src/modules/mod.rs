@@ -166,12 +166,20 @@ pub trait Module: Send + Sync + 'static {
     fn features(&self) -> &[&'static str];
 
     /// Whether this module answers IQ requests with a payload in namespace `ns` sent to
-    /// `target`.
-    fn handles_iq(&self, target: &IqTarget, ns: &str) -> bool;
+    /// `target`. By default none: a module that only advertises a feature or watches
+    /// sessions.
+    fn handles_iq(&self, _target: &IqTarget, _ns: &str) -> bool {
+        false
+    }
 
     /// Answers one IQ request this module said it handles. Must not panic on anything in
-    /// the stanza; a failure is an [`IqResult::Error`].
-    async fn handle_iq(&self, ctx: &IqContext<'_>, iq: &IqRequest<'_>) -> IqResult;
+    /// the stanza; a failure is an [`IqResult::Error`]. By default (never called while
+    /// `handles_iq` claims nothing) `service-unavailable`.
+    async fn handle_iq(&self, _ctx: &IqContext<'_>, _iq: &IqRequest<'_>) -> IqResult {
+        IqResult::Error(StanzaError::new(
+            starling_xmpp::StanzaErrorCondition::ServiceUnavailable,
+        ))
+    }
 
     /// A resource was bound (extension point for presence and offline delivery, issue 4).
     async fn session_started(&self, _services: &Services, _jid: &FullJid) {}
