@@ -890,6 +890,8 @@ fn machine_state_stays_small() {
         std::mem::size_of::<Machine>()
     );
     assert!(std::mem::size_of::<State>() <= 24);
+    // Client State Indication costs a bound session one pointer until something is held.
+    assert!(std::mem::size_of::<Bound>() <= std::mem::size_of::<FullJid>() + 8);
 }
 
 // ---------------------------------------------------------------------------------------------
