@@ -22,7 +22,7 @@ mod common;
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use common::tokio_xmpp::{Transport, TxClient, TxStream};
+use common::tokio_xmpp::{PinnedServer, Transport, TxClient, TxStream};
 use common::{PASSWORD, WAIT, register};
 use serde_json::{Value, json};
 use starling_system_tests::{PyArgs, PyProcess, unique_user};
@@ -1229,15 +1229,10 @@ async fn tokio_xmpp_inactive_gets_only_the_latest_presence_per_contact_and_messa
 /// A tokio-xmpp XML-stream session of `bare` over STARTTLS.
 async fn tx_stream(server: &TestServer, bare: &str) -> TxStream {
     let jid: BareJid = bare.parse().unwrap_or_else(|e| panic!("{bare}: {e}"));
-    TxStream::connect(
-        server.starttls_addr(),
-        Transport::StartTls,
-        server.cert(),
-        &jid,
-        PASSWORD,
-    )
-    .await
-    .unwrap_or_else(|e| panic!("tokio-xmpp stream login as {bare}: {e}"))
+    let pinned = PinnedServer::new(server.starttls_addr(), Transport::StartTls, server.cert());
+    TxStream::connect(pinned, &jid, PASSWORD)
+        .await
+        .unwrap_or_else(|e| panic!("tokio-xmpp stream login as {bare}: {e}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -453,15 +453,13 @@ impl std::fmt::Debug for TxStream {
 }
 
 impl TxStream {
-    /// Logs in as `jid` (SCRAM-SHA-256, like [`TxClient`]) and binds a resource.
+    /// Logs in to `server` as `jid` (SCRAM-SHA-256, like [`TxClient`]) and binds a
+    /// resource.
     pub(crate) async fn connect(
-        addr: SocketAddr,
-        transport: Transport,
-        cert: &TestCert,
+        server: PinnedServer,
         jid: &BareJid,
         password: &str,
     ) -> Result<TxStream, String> {
-        let server = PinnedServer::new(addr, transport, cert);
         let conn = tokio::time::timeout(
             STEP,
             login(
