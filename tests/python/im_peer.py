@@ -4,12 +4,15 @@ stdin and report every stanza it receives as JSON events on stdout.
 
 Startup flags: --no-roster (do not fetch the roster), --no-presence (stay unavailable),
 --priority N, --carbons (enable XEP-0280 before reporting online), --blocklist (fetch the
-XEP-0191 blocklist, which subscribes to blocklist pushes).
+XEP-0191 blocklist, which subscribes to blocklist pushes), --caps (load slixmpp's XEP-0115
+plugin, which validates the server's <c/> stream feature by itself: it asks disco#info for
+node#ver and recomputes the hash).
 
 Lines printed:
 - {"event": "online", "jid": full JID, "roster": [items]} once the session is ready;
-- {"event": "presence", "from", "type", "priority", "show"} for every presence received
-  ("type" is "available" when the stanza has none);
+- {"event": "presence", "from", "type", "priority", "show", "status", "delay"} for every
+  presence received ("type" is "available" when the stanza has none; "delay" is the
+  XEP-0203 stamp, if any);
 - {"event": "message", "from", "type", "body", "delay", "carbon"} for every message, where
   "carbon" is null or {"direction": "sent"|"received", "from", "to", "body"};
 - {"event": "roster_push", "items": [...]} for every roster push (RFC 6121 §2.1.6);
@@ -20,11 +23,15 @@ Lines printed:
 
 Roster items are {"jid", "subscription", "ask", "approved"} as the server wrote them.
 
-Commands ({"cmd": ...}): "presence" {priority?, show?, type?, to?}, "sub" {to, type}
+Commands ({"cmd": ...}): "presence" {priority?, show?, status?, type?, to?}, "sub" {to, type}
 (subscribe/subscribed/unsubscribe/unsubscribed), "message" {to, body, type?},
 "roster" (a fresh roster get), "carbons" {enable}, "block" {jids}, "unblock" {jids},
-"blocklist", "disconnect" (clean close), "abort" (drop the TCP connection without closing the
-stream), "quit".
+"blocklist", "csi" {state: "active"|"inactive"} (XEP-0352 through slixmpp's plugin, which
+sends only when the server advertised <csi/>; replies with an error otherwise),
+"server_caps" (with --caps: waits until slixmpp has validated the server's verification
+string, and replies {"validated", "advertised": {node, hash, ver} from the stream features,
+"computed": slixmpp's hash of a fresh disco#info of the domain}), "disconnect" (clean close),
+"abort" (drop the TCP connection without closing the stream), "quit".
 """
 
 import asyncio
@@ -37,6 +44,7 @@ from slixmpp.exceptions import IqError, IqTimeout
 import common
 
 CLIENT = "{jabber:client}"
+CAPS = "{http://jabber.org/protocol/caps}"
 ROSTER = "{jabber:iq:roster}"
 DELAY = "{urn:xmpp:delay}"
 CARBONS = "{urn:xmpp:carbons:2}"
@@ -79,6 +87,17 @@ def error_info(el) -> dict:
     return {"condition": condition, "app": app}
 
 
+def delay_of(el):
+    delay = el.find(DELAY + "delay")
+    return delay.get("stamp") if delay is not None else None
+
+
+def caps_of(features) -> dict | None:
+    for el in features.iter(CAPS + "c"):
+        return {"node": el.get("node"), "hash": el.get("hash"), "ver": el.get("ver")}
+    return None
+
+
 def describe_incoming(el) -> dict | None:
     tag = el.tag
     if tag == CLIENT + "presence":
@@ -88,6 +107,8 @@ def describe_incoming(el) -> dict | None:
             "type": el.get("type", "available"),
             "priority": text_of(el, "priority"),
             "show": text_of(el, "show"),
+            "status": text_of(el, "status"),
+            "delay": delay_of(el),
         }
         if el.get("type") == "error":
             record.update(error_info(el))
@@ -106,13 +127,12 @@ def describe_incoming(el) -> dict | None:
                     "to": inner.get("to"),
                     "body": text_of(inner, "body"),
                 }
-        delay = el.find(DELAY + "delay")
         record = {
             "event": "message",
             "from": el.get("from"),
             "type": el.get("type", "normal"),
             "body": text_of(el, "body"),
-            "delay": delay.get("stamp") if delay is not None else None,
+            "delay": delay_of(el),
             "carbon": carbon,
         }
         if el.get("type") == "error":
@@ -148,7 +168,26 @@ async def fetch_roster(xmpp) -> list:
     return roster_items(result.xml.find(ROSTER + "query"))
 
 
-async def run_command(xmpp, cmd: dict) -> dict:
+async def server_caps(xmpp, advertised) -> dict:
+    domain = xmpp.boundjid.domain
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 15
+    validated = None
+    while loop.time() < deadline:
+        validated = await xmpp["xep_0115"].get_verstring(domain)
+        if validated:
+            break
+        await asyncio.sleep(0.05)
+    info = await xmpp["xep_0030"].get_info(jid=domain, cached=False, timeout=15)
+    computed = xmpp["xep_0115"].generate_verstring(info["disco_info"], "sha-1")
+    return {
+        "validated": str(validated) if validated else None,
+        "advertised": advertised.get("caps"),
+        "computed": computed,
+    }
+
+
+async def run_command(xmpp, cmd: dict, advertised: dict) -> dict:
     name = cmd.get("cmd")
     reply = {"reply": name}
     if name == "presence":
@@ -157,6 +196,7 @@ async def run_command(xmpp, cmd: dict) -> dict:
             pto=cmd.get("to"),
             ppriority=cmd.get("priority"),
             pshow=cmd.get("show"),
+            pstatus=cmd.get("status"),
             ptype=ptype,
         )
     elif name == "sub":
@@ -176,6 +216,16 @@ async def run_command(xmpp, cmd: dict) -> dict:
         await xmpp["xep_0191"].unblock(cmd["jids"], timeout=15)
     elif name == "blocklist":
         reply["jids"] = sorted(str(j) for j in await xmpp["xep_0191"].get_blocked_jids(timeout=15))
+    elif name == "csi":
+        csi = xmpp["xep_0352"]
+        if not csi.enabled:
+            reply["error"] = "the server did not advertise <csi/>"
+        elif cmd.get("state") == "inactive":
+            csi.send_inactive()
+        else:
+            csi.send_active()
+    elif name == "server_caps":
+        reply.update(await server_caps(xmpp, advertised))
     elif name == "disconnect":
         await xmpp.disconnect(wait=5.0)
     elif name == "abort":
@@ -192,17 +242,27 @@ async def main() -> int:
     p.add_argument("--priority", type=int, default=None)
     p.add_argument("--carbons", action="store_true")
     p.add_argument("--blocklist", action="store_true")
+    p.add_argument("--caps", action="store_true")
     args = p.parse_args()
     common.setup_logging()
 
-    xmpp = common.make_client(args, ["xep_0030", "xep_0191", "xep_0280", "xep_0203"])
+    plugins = ["xep_0030", "xep_0191", "xep_0280", "xep_0203", "xep_0352"]
+    if args.caps:
+        plugins.append("xep_0115")
+    xmpp = common.make_client(args, plugins)
     # The test decides every subscription answer itself.
     xmpp.auto_authorize = None
     xmpp.auto_subscribe = False
     outcome = common.Outcome(xmpp)
     closed = asyncio.get_running_loop().create_future()
+    # The server's <c/> (XEP-0115 §6.3), from the last stream features that carried one.
+    advertised = {}
 
     def incoming(stanza):
+        if stanza.name == "features":
+            caps = caps_of(stanza.xml)
+            if caps is not None:
+                advertised["caps"] = caps
         try:
             record = describe_incoming(stanza.xml)
         except Exception as e:  # noqa: BLE001 - report, never break the stream
@@ -250,7 +310,7 @@ async def main() -> int:
         if cmd.get("cmd") == "quit":
             break
         try:
-            reply = await run_command(xmpp, cmd)
+            reply = await run_command(xmpp, cmd, advertised)
         except (IqError, IqTimeout) as e:
             reply = {"reply": cmd.get("cmd"), "error": repr(e)}
         common.emit(reply)

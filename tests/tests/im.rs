@@ -4,8 +4,14 @@
 //! §2.1.6, §3.1-§3.3), presence broadcast and probes and the unavailable presence sent when a
 //! session ends cleanly or its connection is lost (§4.2-§4.5), offline messages with
 //! XEP-0203 stamps and offline subscription requests (§3.1.3, §8.5.2, XEP-0160), bare-JID
-//! message delivery by priority (§8.5.2.1.1), Message Carbons (XEP-0280) and the Blocking
-//! Command (XEP-0191). Each test starts its own server.
+//! message delivery by priority (§8.5.2.1.1), Message Carbons (XEP-0280), the Blocking
+//! Command (XEP-0191), Client State Indication (XEP-0352: presence held while inactive, the
+//! latest per contact, flushed on active), the server's entity capabilities (XEP-0115, its
+//! `ver` checked by both libraries' own hashing) and the answer to a probe of an offline
+//! contact (§4.3.2). Each test starts its own server. (Unavailable presence for sessions the
+//! registry removes in bulk needs an edge that goes away without the rest of the server,
+//! which `starling serve` cannot do; `crates/router/tests/lease_expiry.rs` shows it over the
+//! Raft registry.)
 //!
 //! Absence is never shown by waiting: a stanza that must not reach a session is followed by a
 //! marker that must, sent after it on the same ordered path (the router keeps one sender's
@@ -16,7 +22,7 @@ mod common;
 use std::collections::VecDeque;
 use std::time::Duration;
 
-use common::tokio_xmpp::{Transport, TxClient};
+use common::tokio_xmpp::{PinnedServer, Transport, TxClient, TxStream};
 use common::{PASSWORD, WAIT, register};
 use serde_json::{Value, json};
 use starling_system_tests::{PyArgs, PyProcess, unique_user};
@@ -35,6 +41,8 @@ const FORWARD_NS: &str = "urn:xmpp:forward:0";
 const DELAY_NS: &str = "urn:xmpp:delay";
 const CLIENT_NS: &str = "jabber:client";
 const STANZAS_NS: &str = "urn:ietf:params:xml:ns:xmpp-stanzas";
+const CSI_NS: &str = "urn:xmpp:csi:0";
+const CAPS_NS: &str = "http://jabber.org/protocol/caps";
 
 fn start_server() -> TestServer {
     TestServer::builder()
@@ -112,6 +120,10 @@ trait ImClient {
     async fn expect_presence(&mut self, from: &str, kind: &str);
     /// A fresh roster get.
     async fn roster(&mut self) -> Vec<Row>;
+    /// Available presence with a status text (RFC 6121 §4.7.2.2).
+    async fn status(&mut self, text: &str);
+    /// Sends a chat message.
+    async fn chat(&mut self, to: &str, body: &str);
 }
 
 /// A slixmpp session in `im_peer.py`.
@@ -225,6 +237,15 @@ impl ImClient for Sli {
     async fn roster(&mut self) -> Vec<Row> {
         let reply = self.cmd(json!({"cmd": "roster"})).await;
         rows_of_json(reply.get("items"))
+    }
+
+    async fn status(&mut self, text: &str) {
+        self.cmd(json!({"cmd": "presence", "status": text})).await;
+    }
+
+    async fn chat(&mut self, to: &str, body: &str) {
+        self.cmd(json!({"cmd": "message", "to": to, "body": body}))
+            .await;
     }
 }
 
@@ -464,6 +485,16 @@ impl ImClient for Tx {
             .unwrap_or_else(|| panic!("an empty roster result"));
         rows_of_query(&payload)
     }
+
+    async fn status(&mut self, text: &str) {
+        let mut p = Presence::available();
+        p.set_status("", text);
+        self.client.send(p).await;
+    }
+
+    async fn chat(&mut self, to: &str, body: &str) {
+        self.send_chat(to, body).await;
+    }
 }
 
 /// `x` subscribes to `y` and `y` approves; then `y` subscribes to `x` and `x` approves
@@ -494,8 +525,11 @@ async fn handshake_to_both(x: &mut impl ImClient, y: &mut impl ImClient) {
     y.expect_presence(&xb, "subscribed").await;
     y.expect_presence(&x.full(), "available").await;
 
-    assert_eq!(x.roster().await, vec![Row::new(&yb, "both", None)]);
-    assert_eq!(y.roster().await, vec![Row::new(&xb, "both", None)]);
+    let of = |rows: Vec<Row>, jid: &str| -> Vec<Row> {
+        rows.into_iter().filter(|r| r.jid == jid).collect()
+    };
+    assert_eq!(of(x.roster().await, &yb), vec![Row::new(&yb, "both", None)]);
+    assert_eq!(of(y.roster().await, &xb), vec![Row::new(&xb, "both", None)]);
 }
 
 /// Cancels a `both` subscription from both ends with `kind` (`unsubscribe`: each stops its
@@ -941,4 +975,367 @@ async fn a_message_to_a_blocked_jid_is_refused_with_the_blocked_condition() {
         refused["app"], "{urn:xmpp:blocking:errors}blocked",
         "{refused}"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client State Indication (XEP-0352), the server's entity capabilities (XEP-0115) and the
+// answer to a probe of a contact that is offline (RFC 6121 §4.3.2).
+//
+// Holding is shown without waiting, like absence above: the contacts' presences are routed
+// (their own round trip returns), then the inactive client's own round trip returns after
+// whatever was queued for it; what it has not received by then is held.
+
+/// The client that tells the server its state, in the CSI scenario.
+trait CsiClient {
+    /// The session's full JID.
+    fn me(&self) -> String;
+    /// Sends `<inactive/>` (`true`) or `<active/>`.
+    async fn indicate(&mut self, inactive: bool);
+    /// A round trip through the server on this stream: what was delivered to the session
+    /// before has been received when it returns.
+    async fn round_trip(&mut self);
+    /// The statuses of the presences from `bare` received and set aside so far, in order.
+    fn statuses_from(&self, bare: &str) -> Vec<String>;
+    async fn expect_chat(&mut self, body: &str);
+    async fn expect_subscribe(&mut self, from: &str);
+    async fn expect_status(&mut self, status: &str);
+}
+
+impl CsiClient for Sli {
+    fn me(&self) -> String {
+        self.full.clone()
+    }
+
+    async fn indicate(&mut self, inactive: bool) {
+        // slixmpp sends the nonza only because the server advertised <csi/>.
+        let state = if inactive { "inactive" } else { "active" };
+        self.cmd(json!({"cmd": "csi", "state": state})).await;
+    }
+
+    async fn round_trip(&mut self) {
+        self.barrier().await;
+    }
+
+    fn statuses_from(&self, bare: &str) -> Vec<String> {
+        self.py
+            .backlog()
+            .filter(|v| {
+                v["event"] == "presence" && v["from"].as_str().is_some_and(|f| from_is(f, bare))
+            })
+            .filter_map(|v| v["status"].as_str().map(str::to_owned))
+            .collect()
+    }
+
+    async fn expect_chat(&mut self, body: &str) {
+        self.expect_body(body).await;
+    }
+
+    async fn expect_subscribe(&mut self, from: &str) {
+        self.expect_presence(from, "subscribe").await;
+    }
+
+    async fn expect_status(&mut self, status: &str) {
+        self.expect(status, |v| {
+            v["event"] == "presence" && v["status"] == status
+        })
+        .await;
+    }
+}
+
+/// A tokio-xmpp session on tokio-xmpp's XML stream, which can send nonzas.
+struct TxCsi(TxStream);
+
+impl TxCsi {
+    async fn expect(&mut self, what: &str, pred: impl FnMut(&Stanza) -> bool) {
+        if let Err(e) = self.0.expect(what, pred).await {
+            panic!("{e}");
+        }
+    }
+}
+
+impl CsiClient for TxCsi {
+    fn me(&self) -> String {
+        self.0.jid().to_string()
+    }
+
+    async fn indicate(&mut self, inactive: bool) {
+        self.0.indicate(inactive).await.unwrap();
+    }
+
+    async fn round_trip(&mut self) {
+        self.0.barrier().await.unwrap();
+    }
+
+    fn statuses_from(&self, bare: &str) -> Vec<String> {
+        self.0
+            .backlog()
+            .filter_map(|s| match s {
+                Stanza::Presence(p)
+                    if p.from.as_ref().is_some_and(|f| from_is(f.as_str(), bare)) =>
+                {
+                    p.statuses.values().next().cloned()
+                }
+                _ => None,
+            })
+            .collect()
+    }
+
+    async fn expect_chat(&mut self, body: &str) {
+        self.expect(
+            body,
+            |s| matches!(s, Stanza::Message(m) if m.bodies.values().any(|b| b == body)),
+        )
+        .await;
+    }
+
+    async fn expect_subscribe(&mut self, from: &str) {
+        self.expect("a subscription request", |s| {
+            matches!(s, Stanza::Presence(p) if p.type_ == PresenceType::Subscribe
+                && p.from.as_ref().is_some_and(|f| from_is(f.as_str(), from)))
+        })
+        .await;
+    }
+
+    async fn expect_status(&mut self, status: &str) {
+        self.expect(
+            status,
+            |s| matches!(s, Stanza::Presence(p) if p.statuses.values().any(|t| t == status)),
+        )
+        .await;
+    }
+}
+
+/// A counter or gauge of the server's `/metrics`, 0 when absent.
+fn metric(server: &TestServer, name: &str, labels: &[(&str, &str)]) -> f64 {
+    server
+        .fetch_metrics()
+        .unwrap_or_else(|e| panic!("scraping /metrics: {e}"))
+        .metric(name, labels)
+        .unwrap_or(0.0)
+}
+
+/// XEP-0352 with `a` inactive, subscribed both ways to `b` and `c`: presence changes of both
+/// are held, the latest per contact; a message from `b` passes at once, after `b`'s latest
+/// presence, and so does `d`'s subscription request, while `c`'s presence stays held; on
+/// `<active/>` only `c`'s latest is written, before anything that follows; then presence
+/// flows at once again. The server counts three presences superseded and two written from
+/// the buffer.
+async fn csi_scenario(
+    server: &TestServer,
+    a: &mut impl CsiClient,
+    b: &mut impl ImClient,
+    c: &mut impl ImClient,
+    d: &mut impl ImClient,
+) {
+    let (bb, cb) = (b.bare(), c.bare());
+    a.indicate(true).await;
+    a.round_trip().await;
+    for s in ["b1", "b2", "b3"] {
+        b.status(s).await;
+    }
+    b.roster().await;
+    for s in ["c1", "c2"] {
+        c.status(s).await;
+    }
+    c.roster().await;
+    a.round_trip().await;
+    assert!(
+        a.statuses_from(&bb).is_empty(),
+        "{:?}",
+        a.statuses_from(&bb)
+    );
+    assert!(
+        a.statuses_from(&cb).is_empty(),
+        "{:?}",
+        a.statuses_from(&cb)
+    );
+
+    b.chat(&a.me(), "while inactive").await;
+    a.expect_chat("while inactive").await;
+    assert_eq!(a.statuses_from(&bb), ["b3"]);
+    assert!(a.statuses_from(&cb).is_empty());
+    let a_bare = a.me().split('/').next().unwrap_or_default().to_owned();
+    d.sub(&a_bare, "subscribe").await;
+    a.expect_subscribe(&d.bare()).await;
+    a.round_trip().await;
+    assert!(a.statuses_from(&cb).is_empty());
+
+    a.indicate(false).await;
+    a.round_trip().await;
+    assert_eq!(a.statuses_from(&cb), ["c2"]);
+    assert_eq!(a.statuses_from(&bb), ["b3"], "nothing written twice");
+    c.status("c3").await;
+    a.expect_status("c3").await;
+
+    let total = "starling_csi_presences_total";
+    assert_eq!(metric(server, total, &[("outcome", "held")]), 5.0);
+    assert_eq!(metric(server, total, &[("outcome", "superseded")]), 3.0);
+    assert_eq!(metric(server, total, &[("outcome", "written")]), 2.0);
+    assert_eq!(metric(server, "starling_csi_inactive_streams", &[]), 0.0);
+    assert_eq!(metric(server, "starling_csi_held_presences", &[]), 0.0);
+}
+
+/// Registers one account per prefix; returns their bare JIDs.
+async fn accounts<const N: usize>(server: &TestServer, prefixes: [&str; N]) -> [String; N] {
+    let mut out = [const { String::new() }; N];
+    for (jid, prefix) in out.iter_mut().zip(prefixes) {
+        *jid = register(server, &unique_user(prefix)).await;
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slixmpp_inactive_gets_only_the_latest_presence_per_contact_and_messages_at_once() {
+    let server = start_server();
+    let [a, b, c, d] = accounts(&server, ["csia", "csib", "csic", "csid"]).await;
+    let mut sa = Sli::start(&server, &a, &[]).await;
+    let mut tb = Tx::login(&server, &b, Some(0)).await;
+    let mut tc = Tx::login(&server, &c, Some(0)).await;
+    let mut td = Tx::login(&server, &d, Some(0)).await;
+    handshake_to_both(&mut sa, &mut tb).await;
+    handshake_to_both(&mut sa, &mut tc).await;
+    csi_scenario(&server, &mut sa, &mut tb, &mut tc, &mut td).await;
+    for t in [tb, tc, td] {
+        t.close().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokio_xmpp_inactive_gets_only_the_latest_presence_per_contact_and_messages_at_once() {
+    let server = start_server();
+    let [a, b, c, d] = accounts(&server, ["csia", "csib", "csic", "csid"]).await;
+    let mut sb = Sli::start(&server, &b, &[]).await;
+    let mut sc = Sli::start(&server, &c, &[]).await;
+    let mut sd = Sli::start(&server, &d, &[]).await;
+    // The subscriptions are made with tokio-xmpp's StanzaStream first; the session that
+    // indicates its state then logs in on tokio-xmpp's XML stream, which can send nonzas.
+    let mut setup = Tx::login(&server, &a, Some(0)).await;
+    handshake_to_both(&mut setup, &mut sb).await;
+    handshake_to_both(&mut setup, &mut sc).await;
+    setup.close().await;
+    let mut ta = TxCsi(tx_stream(&server, &a).await);
+    let features = ta.0.features();
+    assert!(
+        features.others.iter().any(|e| e.is("csi", CSI_NS)),
+        "no <csi/> in {features:?}"
+    );
+    ta.0.send(Presence::available()).await.unwrap();
+    // The answers to the initial presence's probes arrive while the client is active.
+    ta.round_trip().await;
+    csi_scenario(&server, &mut ta, &mut sb, &mut sc, &mut sd).await;
+    ta.0.close().await;
+}
+
+/// A tokio-xmpp XML-stream session of `bare` over STARTTLS.
+async fn tx_stream(server: &TestServer, bare: &str) -> TxStream {
+    let jid: BareJid = bare.parse().unwrap_or_else(|e| panic!("{bare}: {e}"));
+    let pinned = PinnedServer::new(server.starttls_addr(), Transport::StartTls, server.cert());
+    TxStream::connect(pinned, &jid, PASSWORD)
+        .await
+        .unwrap_or_else(|e| panic!("tokio-xmpp stream login as {bare}: {e}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_caps_ver_is_validated_by_slixmpp_and_recomputed_by_tokio_xmpp() {
+    use tokio_xmpp::parsers::caps::{Caps, compute_disco, hash_caps, query_caps};
+    use tokio_xmpp::parsers::hashes::Algo;
+
+    let server = start_server();
+    let [a, b] = accounts(&server, ["capsa", "capsb"]).await;
+    // slixmpp's XEP-0115 plugin handles the <c/> stream feature by itself: it asks for
+    // disco#info of node#ver and accepts the ver only if its own hash of the answer matches.
+    let mut sa = Sli::start(&server, &a, &["--caps"]).await;
+    let reply = sa.cmd(json!({"cmd": "server_caps"})).await;
+    let advertised = &reply["advertised"];
+    let ver = advertised["ver"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{reply}"));
+    assert_eq!(advertised["hash"], "sha-1", "{reply}");
+    assert_eq!(
+        reply["validated"].as_str(),
+        Some(ver),
+        "slixmpp did not validate: {reply}"
+    );
+    assert_eq!(
+        reply["computed"].as_str(),
+        Some(ver),
+        "plain disco#info differs: {reply}"
+    );
+
+    // tokio-xmpp (xmpp-parsers' caps) recomputes it from the node's disco#info and the
+    // plain one.
+    let mut tb = tx_stream(&server, &b).await;
+    let c = tb
+        .features()
+        .others
+        .iter()
+        .find(|e| e.is("c", CAPS_NS))
+        .cloned()
+        .unwrap_or_else(|| panic!("no <c/> in {:?}", tb.features()));
+    let caps = Caps::try_from(c).unwrap_or_else(|e| panic!("bad <c/>: {e:?}"));
+    assert_eq!(caps.hash, Algo::Sha_1);
+    assert_eq!(Some(caps.node.as_str()), advertised["node"].as_str());
+    let node = format!("{}#{ver}", caps.node);
+    let info = tb.disco_info_server(Some(node.clone())).await.unwrap();
+    assert_eq!(info.node.as_deref(), Some(node.as_str()));
+    assert!(info.features.contains(CAPS_NS), "{info:?}");
+    let plain = tb.disco_info_server(None).await.unwrap();
+    for answer in [&info, &plain] {
+        let hash = hash_caps(&compute_disco(answer), Algo::Sha_1).unwrap();
+        assert_eq!(hash.hash, caps.ver, "{answer:?}");
+    }
+    // xmpp-parsers' own node#ver (its Base64 of the decoded ver) is the one slixmpp saw.
+    assert_eq!(query_caps(caps).node.as_deref(), Some(node.as_str()));
+    tb.close().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_probe_of_an_offline_contact_is_answered_with_its_last_unavailable_presence() {
+    let server = start_server();
+    let [a, b] = accounts(&server, ["proba", "probb"]).await;
+    let mut sa = Sli::start(&server, &a, &[]).await;
+    let mut tb = Tx::login(&server, &b, Some(0)).await;
+    handshake_to_both(&mut sa, &mut tb).await;
+    // B leaves with a status, and A logs in again later.
+    let mut gone = Presence::new(PresenceType::Unavailable);
+    gone.set_status("", "gone fishing");
+    tb.client.send(gone).await;
+    sa.expect_presence(&tb.full(), "unavailable").await;
+    tb.close().await;
+    sa.cmd(json!({"cmd": "disconnect"})).await;
+
+    // slixmpp's initial presence probes B: the answer is B's last unavailable, stamped.
+    let mut sa = Sli::start(&server, &a, &[]).await;
+    let answer = sa
+        .expect("B's last presence", |v| {
+            v["event"] == "presence"
+                && v["type"] == "unavailable"
+                && v["from"].as_str().is_some_and(|f| from_is(f, &b))
+        })
+        .await;
+    assert_eq!(answer["status"], "gone fishing", "{answer}");
+    assert!(answer["delay"].is_string(), "no <delay/>: {answer}");
+
+    // B comes back and its connection ends: the unavailable the server wrote for it is the
+    // answer to tokio-xmpp's probe now.
+    let tb = Tx::login(&server, &b, Some(0)).await;
+    sa.expect_presence(&tb.full(), "available").await;
+    tb.close().await;
+    sa.expect_presence(&b, "unavailable").await;
+    let mut ta = Tx::login(&server, &a, Some(0)).await;
+    let p = ta
+        .expect("B's last presence", |s| {
+            matches!(s, Stanza::Presence(p) if p.type_ == PresenceType::Unavailable
+                && p.from.as_ref().is_some_and(|f| from_is(f.as_str(), &b)))
+        })
+        .await;
+    let Stanza::Presence(p) = p else {
+        unreachable!()
+    };
+    assert!(p.statuses.is_empty(), "{p:?}");
+    assert!(
+        p.payloads.iter().any(|e| e.is("delay", DELAY_NS)),
+        "no <delay/>: {p:?}"
+    );
+    ta.close().await;
 }

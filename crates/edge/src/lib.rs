@@ -25,13 +25,15 @@
 //! Modules: `machine` (the sans-IO negotiation state machine, RFC 6120 §4–§8, XEP-0077,
 //! XEP-0440), `connection` (one task per connection: I/O, timers, limits, RFC 6120 §4.6),
 //! `session` (the session table and the `EdgeLink`), `sm` (XEP-0198 counters, unacked
-//! queue, [`ResumptionState`]), `limits` (RFC 6120 §13.12), `server`
+//! queue, [`ResumptionState`]), `csi` (XEP-0352: presence held while the client is
+//! inactive), `limits` (RFC 6120 §13.12), `server`
 //! (listeners, accept loop, graceful shutdown), [`tls`] (certificates, SNI, ALPN, reload,
 //! channel binding; XEP-0368, RFC 9266, RFC 5929).
 
 #![forbid(unsafe_code)]
 
 mod connection;
+mod csi;
 mod error;
 mod limits;
 mod machine;
@@ -48,5 +50,5 @@ mod tests;
 
 pub use error::EdgeError;
 pub use server::{BoundEdge, Edge, EdgeDeps};
-pub use settings::{AuthSettings, RegistrationMode, RegistrationSettings, Settings};
+pub use settings::{AuthSettings, RegistrationMode, RegistrationSettings, ServerCaps, Settings};
 pub use sm::{DecodeError, Outbound, ResumptionState};

@@ -37,6 +37,12 @@
 //!   `handled-count-too-high` (§4), the unacked bound (`policy-violation`), and `<resume/>`
 //!   / `<resumed/>` / `<failed><item-not-found/>` (§5) with retransmission of what the
 //!   client did not acknowledge;
+//! - Client State Indication, XEP-0352: the `<csi/>` feature after authentication (§3),
+//!   `<active/>` / `<inactive/>` (§4, not counted in `h`), and presence held while inactive
+//!   (see [`crate::csi`] for what is held, coalesced, passed and flushed);
+//! - Entity Capabilities, XEP-0115 §6.3: the server's `<c/>` with the features after
+//!   authentication, when the binary gives one (`Settings::caps`, computed by the router from
+//!   exactly what its disco#info answers);
 //! - stanza checks once bound, §8.1.1.1 (`to` must be a JID: `jid-malformed`), §8.1.2.1
 //!   (`from` is stamped with the full JID), §8.2.3 (IQ `id` and `type`: `bad-request`),
 //!   §4.9.3.24 (anything else at top level: `unsupported-stanza-type`).
@@ -47,6 +53,7 @@
 //! - a top-level element the stream does not know is `unsupported-stanza-type`;
 //! - a stanza other than bind/session before binding is `not-authorized`.
 
+use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::Instant;
@@ -67,8 +74,9 @@ use starling_xmpp::{
     StreamError, StreamErrorCondition, ns,
 };
 
+use crate::csi::{self, Class, Indication};
 use crate::limits::WindowCounter;
-use crate::settings::{AuthSettings, RegistrationSettings};
+use crate::settings::{AuthSettings, RegistrationSettings, ServerCaps};
 use crate::sm::{self, Outbound, ResumptionState, Sm, SmLimits};
 use crate::{metrics, xmlread};
 
@@ -89,6 +97,23 @@ pub(crate) struct StreamConfig {
     pub(crate) registrations_ip: WindowCounter<IpAddr>,
     /// Stream management (XEP-0198) limits.
     pub(crate) sm: SmLimits,
+    /// Most senders whose presence is held for an inactive client (XEP-0352).
+    pub(crate) csi_max_held: usize,
+    /// The server's `<c/>` stream feature (XEP-0115 §6.3), if it advertises one.
+    pub(crate) caps: Option<Box<[u8]>>,
+}
+
+/// The `<c/>` stream feature (XEP-0115 §6.3) for the server's capabilities.
+pub(crate) fn caps_feature(caps: &ServerCaps) -> Box<[u8]> {
+    let mut out = Vec::with_capacity(96 + caps.node.len() + caps.ver.len());
+    XmlWriter::new(&mut out)
+        .start("c")
+        .attr("xmlns", ns::CAPS)
+        .attr("hash", &caps.hash)
+        .attr("node", &caps.node)
+        .attr("ver", &caps.ver)
+        .empty();
+    out.into_boxed_slice()
 }
 
 /// What the driver does after a call into the machine. Output bytes, if any, are already in
@@ -201,10 +226,25 @@ enum State {
     /// A resumption (XEP-0198 §5) is with the driver.
     Resuming(Box<Resuming>),
     /// A resource is bound.
-    Bound(Box<FullJid>),
-    /// The stream is closed; nothing more is read. Keeps the JID that was bound, for the
-    /// driver's cleanup.
-    Closed(Option<Box<FullJid>>),
+    Bound(Box<Bound>),
+    /// The stream is closed; nothing more is read. Keeps what was bound, for the driver's
+    /// cleanup.
+    Closed(Option<Box<Bound>>),
+}
+
+/// A bound resource: its JID and, while the client is inactive and presence updates wait for
+/// it, the held presences (XEP-0352; `None` otherwise, so an active session allocates
+/// nothing for CSI).
+#[derive(Debug)]
+struct Bound {
+    jid: FullJid,
+    held: Option<Box<csi::Held>>,
+}
+
+impl Bound {
+    fn new(jid: FullJid) -> Box<Bound> {
+        Box::new(Bound { jid, held: None })
+    }
 }
 
 #[derive(Debug)]
@@ -268,6 +308,8 @@ pub(crate) struct Machine {
     registered: bool,
     /// Stream management, once enabled (or resumed).
     sm: Option<Box<Sm>>,
+    /// What the client indicated with XEP-0352 (from authentication on).
+    csi: csi::State,
 }
 
 const TLS_REQUIRED: &[u8] =
@@ -309,6 +351,7 @@ impl Machine {
             auth_failures: 0,
             registered: false,
             sm: None,
+            csi: csi::State::default(),
         }
     }
 
@@ -327,15 +370,15 @@ impl Machine {
     /// The bound full JID, once bound (and still after the stream closed).
     pub(crate) fn bound_jid(&self) -> Option<&FullJid> {
         match &self.state {
-            State::Bound(jid) | State::Closed(Some(jid)) => Some(jid),
+            State::Bound(bound) | State::Closed(Some(bound)) => Some(&bound.jid),
             _ => None,
         }
     }
 
     fn set_closed(&mut self) {
         let jid = match std::mem::replace(&mut self.state, State::Closed(None)) {
-            State::Bound(jid) => Some(jid),
-            State::Closed(jid) => jid,
+            State::Bound(bound) => Some(bound),
+            State::Closed(bound) => bound,
             _ => None,
         };
         self.state = State::Closed(jid);
@@ -501,6 +544,10 @@ impl Machine {
             Stage::Authenticated(localpart) => {
                 out.extend_from_slice(BIND_FEATURES);
                 out.extend_from_slice(SM_FEATURE);
+                out.extend_from_slice(csi::FEATURE);
+                if let Some(caps) = &self.cfg.caps {
+                    out.extend_from_slice(caps);
+                }
                 State::Authenticated(localpart)
             }
         };
@@ -1101,6 +1148,11 @@ impl Machine {
     // Resource binding (RFC 6120 §7)
 
     fn on_authenticated_element(&mut self, el: Element, out: &mut Vec<u8>) -> Action {
+        if let Some(indication) = Indication::of(&el) {
+            // Nothing is delivered before bind; the state carries over to the session.
+            self.indicate(indication);
+            return Action::Continue;
+        }
         if el.ns() == sm::NS {
             return match el.name() {
                 "resume" => self.on_resume_request(&el, out),
@@ -1188,7 +1240,7 @@ impl Machine {
                 w.start("bind").attr("xmlns", ns::BIND);
                 w.text_element("jid", jid.as_str());
                 w.end("bind").end("iq");
-                self.state = State::Bound(Box::new(jid));
+                self.state = State::Bound(Bound::new(jid));
                 Action::Continue
             }
             BindOutcome::Failed(error) => {
@@ -1237,8 +1289,10 @@ impl Machine {
         self.sm.as_deref()
     }
 
-    /// The stream-management state, taken out when the connection ends.
+    /// The stream-management state, taken out when the connection ends, with the presences
+    /// CSI still held (see [`Machine::release_held`]).
     pub(crate) fn take_sm(&mut self) -> Option<Box<Sm>> {
+        self.release_held();
         self.sm.take()
     }
 
@@ -1276,10 +1330,10 @@ impl Machine {
     }
 
     fn on_enable(&mut self, el: &Element, now: Instant, out: &mut Vec<u8>) -> Action {
-        let State::Bound(jid) = &self.state else {
+        let State::Bound(bound) = &self.state else {
             return Action::Continue;
         };
-        let jid = (**jid).clone();
+        let jid = bound.jid.clone();
         let mut sm = Sm::new(self.stream_id.clone(), now);
         let resume = matches!(
             xmlread::attribute(el.raw(), "resume").as_deref(),
@@ -1363,22 +1417,146 @@ impl Machine {
         Action::Close(EndReason::StreamError(condition))
     }
 
-    /// Writes one stanza for the session, counting it when stream management is on; a full
-    /// unacknowledged queue closes the stream with `policy-violation` (the stanza is kept in
-    /// the queue, which goes back to the router).
+    /// One stanza the router delivered for the session. While the client is inactive
+    /// (XEP-0352) a presence update is held ([`crate::csi`]); anything else is written, after
+    /// the held presences of its sender's bare JID.
     pub(crate) fn on_outbound(
         &mut self,
         item: Outbound,
         now: Instant,
         out: &mut Vec<u8>,
     ) -> Action {
-        let State::Bound(jid) = &self.state else {
+        if !self.csi.is_inactive() {
+            return self.write_stanza(item, now, out);
+        }
+        let State::Bound(bound) = &mut self.state else {
+            return self.write_stanza(item, now, out);
+        };
+        match csi::classify(&item.stanza) {
+            Class::Hold => {
+                let held = bound.held.get_or_insert_with(Box::default);
+                match held.hold(item, self.cfg.csi_max_held) {
+                    csi::Hold::Held | csi::Hold::Superseded => Action::Continue,
+                    csi::Hold::Full(all) => {
+                        bound.held = None;
+                        metrics::limit_violation("csi_held");
+                        tracing::info!(
+                            held = all.len() - 1,
+                            "presence buffer of an inactive client full: flushing it"
+                        );
+                        self.write_all(all, "full", now, out)
+                    }
+                }
+            }
+            Class::Pass => {
+                let first = match (&mut bound.held, csi::sender_bare(&item.stanza)) {
+                    (Some(held), Some(bare)) => {
+                        let first = held.take_from(&bare);
+                        if held.is_empty() {
+                            bound.held = None;
+                        }
+                        first
+                    }
+                    _ => VecDeque::new(),
+                };
+                if first.is_empty() {
+                    return self.write_stanza(item, now, out);
+                }
+                let mut all = first;
+                all.push_back(item);
+                self.write_all(all, "contact", now, out)
+            }
+        }
+    }
+
+    /// The client's `<active/>` or `<inactive/>` (XEP-0352 §4): no answer; becoming active
+    /// writes every held presence before the next element is read (§5.1).
+    fn indicate(&mut self, indication: Indication) {
+        if self.csi.set(indication) {
+            tracing::debug!(?indication, "client state indicated");
+        }
+    }
+
+    fn on_csi(&mut self, indication: Indication, now: Instant, out: &mut Vec<u8>) -> Action {
+        self.indicate(indication);
+        if indication == Indication::Inactive {
+            return Action::Continue;
+        }
+        let held = match &mut self.state {
+            State::Bound(bound) => bound.held.take(),
+            _ => None,
+        };
+        match held {
+            Some(mut held) => {
+                let all = held.take_all();
+                tracing::debug!(
+                    presences = all.len(),
+                    "client active: held presence written"
+                );
+                self.write_all(all, "active", now, out)
+            }
+            None => Action::Continue,
+        }
+    }
+
+    /// Writes presences that were held, oldest first (`reason` labels the flush). If the
+    /// stream closes on the way (the unacked limit), the rest stays with stream management
+    /// and goes back to the router with it; the first close is returned.
+    fn write_all(
+        &mut self,
+        items: VecDeque<Outbound>,
+        reason: &'static str,
+        now: Instant,
+        out: &mut Vec<u8>,
+    ) -> Action {
+        metrics::csi_flush(reason);
+        // The last item of a flush caused by a passed stanza or a full buffer was never held.
+        let held = match reason {
+            "active" => items.len(),
+            _ => items.len().saturating_sub(1),
+        };
+        metrics::csi_presences("written", held as u64);
+        let mut result = Action::Continue;
+        for item in items {
+            let action = self.write_stanza(item, now, out);
+            if matches!(result, Action::Continue) {
+                result = action;
+            }
+        }
+        result
+    }
+
+    /// Presences still held, for the end of the connection: with a resumable session they
+    /// travel with it (written when it is resumed); otherwise they stay here and are dropped
+    /// with the machine (counted as `discarded`).
+    fn release_held(&mut self) {
+        let Some(sm) = self.sm.as_mut().filter(|sm| sm.resumption.is_some()) else {
+            return;
+        };
+        let held = match &mut self.state {
+            State::Bound(bound) | State::Closed(Some(bound)) => bound.held.take(),
+            _ => None,
+        };
+        let Some(mut held) = held else {
+            return;
+        };
+        let items = held.take_all();
+        metrics::csi_presences("handed_over", items.len() as u64);
+        sm.held.get_or_insert_with(Box::default).extend(items);
+    }
+
+    /// Writes one stanza for the session, counting it when stream management is on; a full
+    /// unacknowledged queue closes the stream with `policy-violation` (the stanza is kept in
+    /// the queue, which goes back to the router).
+    fn write_stanza(&mut self, item: Outbound, now: Instant, out: &mut Vec<u8>) -> Action {
+        let State::Bound(bound) = &self.state else {
             // Not reached: the driver writes only to an open, bound stream.
             if let Some(sm) = &mut self.sm {
                 sm.push(item, now);
             }
             return Action::Continue;
         };
+        let jid = &bound.jid;
         let Some(sm) = &mut self.sm else {
             write_outbound(&item, jid, out);
             return Action::Continue;
@@ -1484,7 +1662,7 @@ impl Machine {
         };
         let jid = state.jid.clone();
         let (mut sm, pending) = Sm::from_resumption(state, now);
-        self.state = State::Bound(Box::new(jid.clone()));
+        self.state = State::Bound(Bound::new(jid.clone()));
         let acked = sm.ack(h);
         for item in pending {
             // Kept, never written: the session's end hands them to the router.
@@ -1521,6 +1699,10 @@ impl Machine {
     fn on_bound_element(&mut self, el: Element, now: Instant, out: &mut Vec<u8>) -> Action {
         if el.ns() == sm::NS {
             return self.on_sm_element(&el, now, out);
+        }
+        // Nonzas, not stanzas: not counted in `h` (XEP-0198 §4).
+        if let Some(indication) = Indication::of(&el) {
+            return self.on_csi(indication, now, out);
         }
         let name = el.name();
         if !(el.ns() == ns::JABBER_CLIENT && matches!(name, "message" | "presence" | "iq")) {
@@ -1560,9 +1742,10 @@ impl Machine {
                 _ => {}
             }
         }
-        let State::Bound(jid) = &self.state else {
+        let State::Bound(bound) = &self.state else {
             return Action::Continue;
         };
+        let jid = &bound.jid;
         if let Some(to) = el.to()
             && let Err(e) = jid::parse(&to)
         {
@@ -1604,7 +1787,7 @@ impl Machine {
         metrics::stanza_received();
         tracing::debug!(name = stanza.name(), to = ?stanza.to(), "stanza in");
         Action::Route(ToRouter::Stanza {
-            from: (**jid).clone(),
+            from: jid.clone(),
             stanza,
         })
     }
@@ -1669,8 +1852,8 @@ impl Machine {
         if limit {
             return self.on_outbound(item, now, out);
         }
-        if let (State::Bound(jid), Some(sm)) = (&self.state, &mut self.sm) {
-            write_outbound(&item, jid, out);
+        if let (State::Bound(bound), Some(sm)) = (&self.state, &mut self.sm) {
+            write_outbound(&item, &bound.jid, out);
             sm.push(item, now);
         }
         Action::Continue

@@ -39,6 +39,8 @@ fn config(change: impl FnOnce(&mut Settings)) -> Arc<StreamConfig> {
         auth_failures_account: WindowCounter::new(Duration::from_secs(60), 1000),
         registrations_ip: WindowCounter::new(Duration::from_secs(60), 1000),
         sm: SmLimits::from_settings(&s),
+        csi_max_held: s.csi_max_held,
+        caps: s.caps.as_ref().map(caps_feature),
     })
 }
 
@@ -544,7 +546,7 @@ fn plain_success_restarts_with_bind_features() {
         "<stream:features><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'/>\
          <session xmlns='urn:ietf:params:xml:ns:xmpp-session'><optional/></session>\
          <ver xmlns='urn:xmpp:features:rosterver'/>\
-         <sm xmlns='urn:xmpp:sm:3'/></stream:features>"
+         <sm xmlns='urn:xmpp:sm:3'/><csi xmlns='urn:xmpp:csi:0'/></stream:features>"
     ));
 }
 
@@ -888,6 +890,8 @@ fn machine_state_stays_small() {
         std::mem::size_of::<Machine>()
     );
     assert!(std::mem::size_of::<State>() <= 24);
+    // Client State Indication costs a bound session one pointer until something is held.
+    assert!(std::mem::size_of::<Bound>() <= std::mem::size_of::<FullJid>() + 8);
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -932,7 +936,7 @@ fn sm_feature_only_after_authentication_and_enable_only_after_bind() {
     c.plain("juliet", "r0m30");
     let out = c.send(HEADER);
     assert!(
-        out.contains("<sm xmlns='urn:xmpp:sm:3'/></stream:features>"),
+        out.contains("<sm xmlns='urn:xmpp:sm:3'/><csi xmlns='urn:xmpp:csi:0'/></stream:features>"),
         "{out}"
     );
     let out = c.send("<enable xmlns='urn:xmpp:sm:3'/>");
@@ -1279,4 +1283,262 @@ fn delivery_receipts_pass_through_untouched() {
         1,
         "a receipt is a stanza like any"
     );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Client State Indication (XEP-0352) and the server's entity capabilities (XEP-0115)
+
+const INACTIVE: &str = "<inactive xmlns='urn:xmpp:csi:0'/>";
+const ACTIVE: &str = "<active xmlns='urn:xmpp:csi:0'/>";
+
+fn outbound(xml: &str) -> Outbound {
+    Outbound {
+        stanza: Element::parse(Bytes::from(xml.to_owned()), "jabber:client").unwrap(),
+        stamp_to: true,
+    }
+}
+
+fn presence_from(id: &str, from: &str) -> String {
+    format!("<presence id='{id}' from='{from}'/>")
+}
+
+/// The `id`s of the stanzas in `out`, in order.
+fn written_ids(out: &str) -> Vec<String> {
+    out.match_indices(" id='")
+        .map(|(i, _)| {
+            let rest = &out[i + 5..];
+            rest[..rest.find('\'').unwrap()].to_owned()
+        })
+        .collect()
+}
+
+impl Client {
+    /// The router delivers one stanza; returns what was written.
+    fn deliver_xml(&mut self, xml: &str) -> String {
+        let action = self.m.on_outbound(outbound(xml), self.now, &mut self.out);
+        self.perform(action);
+        String::from_utf8(std::mem::take(&mut self.out)).unwrap()
+    }
+
+    fn held(&self) -> usize {
+        match &self.m.state {
+            State::Bound(b) | State::Closed(Some(b)) => b.held.as_ref().map_or(0, |h| h.len()),
+            _ => 0,
+        }
+    }
+}
+
+#[test]
+fn csi_and_caps_features_only_after_authentication() {
+    let caps = ServerCaps {
+        hash: "sha-1".into(),
+        node: "https://example.invalid/starling".into(),
+        ver: "abc+/=".into(),
+    };
+    let cfg = config(|s| s.caps = Some(caps.clone()));
+    let mut c = Client::tls(&cfg, LOOPBACK);
+    let out = c.send(HEADER);
+    assert!(
+        !out.contains("urn:xmpp:csi:0") && !out.contains("caps"),
+        "{out}"
+    );
+    c.plain("juliet", "r0m30");
+    let out = c.send(HEADER);
+    assert!(
+        out.ends_with(
+            "<sm xmlns='urn:xmpp:sm:3'/><csi xmlns='urn:xmpp:csi:0'/>\
+             <c xmlns='http://jabber.org/protocol/caps' hash='sha-1' \
+             node='https://example.invalid/starling' ver='abc+/='/></stream:features>"
+        ),
+        "{out}"
+    );
+    // Without capabilities from the router, no <c/>.
+    let cfg = config(|_| {});
+    let mut c = Client::tls(&cfg, LOOPBACK);
+    c.send(HEADER);
+    c.plain("juliet", "r0m30");
+    let out = c.send(HEADER);
+    assert!(
+        out.contains("<csi xmlns='urn:xmpp:csi:0'/></stream:features>"),
+        "{out}"
+    );
+    assert!(!out.contains("jabber.org/protocol/caps"), "{out}");
+}
+
+#[test]
+fn inactive_holds_the_latest_presence_per_sender_and_active_writes_them() {
+    let cfg = config(|_| {});
+    let mut c = Client::bound(&cfg, "phone");
+    assert_eq!(c.send(INACTIVE), "", "a nonza has no answer");
+    assert!(c.m.csi.is_inactive());
+    assert_eq!(c.held(), 0, "nothing allocated before something is held");
+    for (id, from) in [
+        ("r1", "romeo@example.org/orchard"),
+        ("b1", "benvolio@example.org/street"),
+        ("r2", "romeo@example.org/orchard"),
+        ("r3", "romeo@example.org/orchard"),
+    ] {
+        assert_eq!(c.deliver_xml(&presence_from(id, from)), "", "{id} is held");
+    }
+    let gone = "<presence id='m1' from='mercutio@example.org/x' type='unavailable'/>";
+    assert_eq!(c.deliver_xml(gone), "");
+    assert_eq!(c.held(), 3);
+    // A message from someone whose presence is not held passes alone, at once.
+    let out =
+        c.deliver_xml("<message id='msg' from='tybalt@example.org/y'><body>hi</body></message>");
+    assert_eq!(written_ids(&out), ["msg"]);
+    // Important presences pass at once too.
+    for (id, type_) in [
+        ("s1", "subscribe"),
+        ("s2", "subscribed"),
+        ("s3", "unsubscribe"),
+        ("s4", "unsubscribed"),
+        ("e1", "error"),
+    ] {
+        let out = c.deliver_xml(&format!(
+            "<presence id='{id}' from='paris@example.org' type='{type_}'/>"
+        ));
+        assert_eq!(written_ids(&out), [id], "{type_}");
+    }
+    assert_eq!(c.held(), 3);
+    // Active: the latest of each sender, in the order of their latest update, and then
+    // nothing is held any more.
+    let out = c.send(ACTIVE);
+    assert_eq!(written_ids(&out), ["b1", "r3", "m1"], "{out}");
+    assert!(out.contains("to='juliet@example.org/phone'"), "{out}");
+    assert_eq!(c.held(), 0);
+    assert!(!c.m.csi.is_inactive());
+    assert_eq!(
+        written_ids(&c.deliver_xml(&presence_from("r4", "romeo@example.org/orchard"))),
+        ["r4"]
+    );
+    // Repeated indications change nothing.
+    assert_eq!(c.send(ACTIVE), "");
+    assert_eq!(c.send(INACTIVE), "");
+    assert_eq!(c.send(INACTIVE), "");
+    assert_eq!(
+        c.deliver_xml(&presence_from("r5", "romeo@example.org/orchard")),
+        ""
+    );
+}
+
+#[test]
+fn a_stanza_from_a_contact_writes_that_contact_s_held_presence_first() {
+    let cfg = config(|_| {});
+    let mut c = Client::bound(&cfg, "phone");
+    c.send(INACTIVE);
+    for (id, from) in [
+        ("r1", "romeo@example.org/orchard"),
+        ("b1", "benvolio@example.org/street"),
+        ("r2", "romeo@example.org/balcony"),
+        ("r1b", "romeo@example.org/orchard"),
+    ] {
+        c.deliver_xml(&presence_from(id, from));
+    }
+    // Any resource of Romeo's: both of his resources' latest presences, then the message.
+    let out = c.deliver_xml(
+        "<message id='msg' from='romeo@example.org/orchard'><body>hi</body></message>",
+    );
+    assert_eq!(written_ids(&out), ["r2", "r1b", "msg"], "{out}");
+    assert_eq!(c.held(), 1, "Benvolio's presence stays held");
+    let out = c.deliver_xml("<iq id='q' type='get' from='benvolio@example.org/street'/>");
+    assert_eq!(written_ids(&out), ["b1", "q"], "{out}");
+    assert_eq!(c.held(), 0);
+}
+
+#[test]
+fn a_full_buffer_is_flushed_with_the_newcomer() {
+    let cfg = config(|s| s.csi_max_held = 2);
+    let mut c = Client::bound(&cfg, "phone");
+    c.send(INACTIVE);
+    c.deliver_xml(&presence_from("a", "a@example.org/1"));
+    c.deliver_xml(&presence_from("b", "b@example.org/1"));
+    assert_eq!(c.deliver_xml(&presence_from("b2", "b@example.org/1")), "");
+    let out = c.deliver_xml(&presence_from("c", "c@example.org/1"));
+    assert_eq!(written_ids(&out), ["a", "b2", "c"]);
+    assert_eq!(c.held(), 0);
+    // Holding starts again.
+    assert_eq!(c.deliver_xml(&presence_from("d", "d@example.org/1")), "");
+    assert_eq!(c.held(), 1);
+}
+
+#[test]
+fn csi_nonzas_are_not_counted_and_flushed_presence_is() {
+    let cfg = config(|_| {});
+    let mut c = Client::bound(&cfg, "phone");
+    c.send("<enable xmlns='urn:xmpp:sm:3'/>");
+    c.send(INACTIVE);
+    c.deliver_xml(&presence_from("a", "a@example.org/1"));
+    assert_eq!(c.m.sm().unwrap().sent(), 0, "a held presence is not sent");
+    c.send(ACTIVE);
+    assert_eq!(
+        c.send("<r xmlns='urn:xmpp:sm:3'/>"),
+        "<a xmlns='urn:xmpp:sm:3' h='0'/>",
+        "the nonzas were not stanzas"
+    );
+    assert_eq!(c.m.sm().unwrap().sent(), 1);
+    // An unknown element in the CSI namespace is no nonza this stream knows.
+    let out = c.send("<asleep xmlns='urn:xmpp:csi:0'/>");
+    assert!(stream_error(&out, "unsupported-stanza-type"), "{out}");
+}
+
+#[test]
+fn an_indication_before_bind_carries_over_to_the_session() {
+    let cfg = config(|_| {});
+    let mut c = authenticated(&cfg);
+    assert_eq!(c.send(INACTIVE), "");
+    let out = c.send(
+        "<iq type='set' id='b1'><bind xmlns='urn:ietf:params:xml:ns:xmpp-bind'>\
+         <resource>r</resource></bind></iq>",
+    );
+    assert!(out.contains("<jid>juliet@example.org/r</jid>"), "{out}");
+    assert_eq!(c.deliver_xml(&presence_from("a", "a@example.org/1")), "");
+    assert_eq!(written_ids(&c.send(ACTIVE)), ["a"]);
+}
+
+#[test]
+fn held_presence_travels_with_a_resumable_session_only() {
+    let cfg = config(|_| {});
+    // Resumable: what is held becomes the first of what the resumed session writes.
+    let mut c = Client::bound(&cfg, "phone");
+    c.send("<enable xmlns='urn:xmpp:sm:3' resume='true'/>");
+    c.deliver_xml("<message id='m' from='a@example.org/1'><body>x</body></message>");
+    c.send(INACTIVE);
+    c.deliver_xml(&presence_from("p", "b@example.org/1"));
+    let jid = c.m.bound_jid().unwrap().clone();
+    let sm = c.m.take_sm().unwrap();
+    assert_eq!(c.held(), 0);
+    let state = sm.into_resumption(jid).unwrap();
+    assert_eq!(state.unacked.len(), 1);
+    let pending: Vec<_> = state
+        .pending
+        .iter()
+        .map(|o| o.stanza.id().unwrap())
+        .collect();
+    assert_eq!(pending, ["p"]);
+    // A resumed stream starts active and writes it.
+    let mut r = authenticated(&cfg);
+    r.next_resume = Some(Ok(state));
+    let previd = r
+        .next_resume
+        .as_ref()
+        .unwrap()
+        .as_ref()
+        .unwrap()
+        .id
+        .to_string();
+    let out = r.send(&format!(
+        "<resume xmlns='urn:xmpp:sm:3' previd='{previd}' h='0'/>"
+    ));
+    assert_eq!(written_ids(&out), ["m", "p"], "{out}");
+    assert!(!r.m.csi.is_inactive());
+
+    // Not resumable: dropped with the connection.
+    let mut c = Client::bound(&cfg, "plain");
+    c.send("<enable xmlns='urn:xmpp:sm:3'/>");
+    c.send(INACTIVE);
+    c.deliver_xml(&presence_from("p", "b@example.org/1"));
+    let sm = c.m.take_sm().unwrap();
+    assert!(sm.held.is_none());
+    assert_eq!(c.held(), 1, "left to be dropped with the machine");
 }

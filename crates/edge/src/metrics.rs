@@ -17,13 +17,17 @@
 //! | `starling_sm_resumptions_total` | counter | `outcome` (`resumed`, `took_over`, `not_found`, `expired`, `too_high`, `error`) |
 //! | `starling_sm_unacked_stanzas` | gauge | (XEP-0198 unacked queue depth, all sessions) |
 //! | `starling_sm_enabled_total` | counter | `resume` (`true`, `false`) |
+//! | `starling_csi_inactive_streams` | gauge | (streams whose client indicated `<inactive/>`, XEP-0352) |
+//! | `starling_csi_held_presences` | gauge | (presences held for inactive clients, all sessions) |
+//! | `starling_csi_presences_total` | counter | `outcome` (`held`, `superseded`, `written`, `handed_over`, `discarded`) |
+//! | `starling_csi_flushes_total` | counter | `reason` (`active`, `contact`, `full`) |
 //!
 //! TLS handshake failures are counted by the `tls` module
 //! (`starling_tls_handshake_failures_total`).
 
 /// A local limit was hit (`kind`: `rate`, `stanza_size`, `connections_per_ip`, `preauth_timeout`,
 /// `outbound_queue`, `auth_throttle`, `registration_throttle`, `table_full`, `auth_attempts`,
-/// `sm_unacked`).
+/// `sm_unacked`, `csi_held`).
 pub(crate) fn limit_violation(kind: &'static str) {
     ::metrics::counter!("starling_edge_limit_violations_total", "kind" => kind).increment(1);
 }
@@ -103,4 +107,26 @@ pub(crate) fn sm_enabled(resume: bool) {
 /// Change of the number of unacknowledged stanzas held by all sessions.
 pub(crate) fn sm_unacked(delta: f64) {
     ::metrics::gauge!("starling_sm_unacked_stanzas").increment(delta);
+}
+
+/// Change of the number of streams whose client is inactive (XEP-0352).
+pub(crate) fn csi_inactive_streams(delta: f64) {
+    ::metrics::gauge!("starling_csi_inactive_streams").increment(delta);
+}
+
+/// Change of the number of presences held for inactive clients.
+pub(crate) fn csi_held(delta: f64) {
+    ::metrics::gauge!("starling_csi_held_presences").increment(delta);
+}
+
+/// Presences that CSI held, replaced by a newer one, wrote, handed to a resumption or
+/// dropped with their session.
+pub(crate) fn csi_presences(outcome: &'static str, n: u64) {
+    ::metrics::counter!("starling_csi_presences_total", "outcome" => outcome).increment(n);
+}
+
+/// A flush of held presences: the client became active, a stanza from the same contact
+/// passed, or the buffer was full.
+pub(crate) fn csi_flush(reason: &'static str) {
+    ::metrics::counter!("starling_csi_flushes_total", "reason" => reason).increment(1);
 }

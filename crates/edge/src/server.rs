@@ -105,6 +105,8 @@ impl Edge {
             auth_failures_account: WindowCounter::new(window, MAX_TRACKED_KEYS),
             registrations_ip: WindowCounter::new(window, MAX_TRACKED_KEYS),
             sm: SmLimits::from_settings(&settings),
+            csi_max_held: settings.csi_max_held.max(1),
+            caps: settings.caps.as_ref().map(crate::machine::caps_feature),
         });
         let sessions = Arc::new(SessionTable::default());
         let (tx, rx) = mpsc::channel(UNDELIVERABLE_QUEUE);

@@ -52,6 +52,13 @@ pub struct Settings {
     pub sm_max_unacked_stanzas: usize,
     /// The same limit in bytes of stanza XML. Default 1 MiB.
     pub sm_max_unacked_bytes: usize,
+    /// Client State Indication (XEP-0352): most senders whose latest presence is held for an
+    /// inactive client; a presence from one more flushes everything held. Default 256.
+    pub csi_max_held: usize,
+    /// The server's entity capabilities (XEP-0115), advertised as the `<c/>` stream feature
+    /// after authentication. Not configuration: the binary fills it from the router, which
+    /// computes `ver` from what its disco#info answers. Default `None` (not advertised).
+    pub caps: Option<ServerCaps>,
     /// The `[auth]` section.
     pub auth: AuthSettings,
     /// The `[registration]` section.
@@ -80,10 +87,23 @@ impl Default for Settings {
             sm_ack_every: Duration::from_secs(30),
             sm_max_unacked_stanzas: 1000,
             sm_max_unacked_bytes: 1 << 20,
+            csi_max_held: 256,
+            caps: None,
             auth: AuthSettings::default(),
             registration: RegistrationSettings::default(),
         }
     }
+}
+
+/// Entity capabilities (XEP-0115 §4) of the server, as the `<c/>` element carries them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ServerCaps {
+    /// The hash function `ver` was computed with (`sha-1`).
+    pub hash: String,
+    /// The URI of the software.
+    pub node: String,
+    /// The verification string (§5.1).
+    pub ver: String,
 }
 
 /// SASL settings (RFC 6120 §6).
@@ -192,6 +212,8 @@ mod tests {
         assert_eq!(s.sm_ack_every, Duration::from_secs(30));
         assert_eq!(s.sm_max_unacked_stanzas, 1000);
         assert_eq!(s.sm_max_unacked_bytes, 1_048_576);
+        assert_eq!(s.csi_max_held, 256);
+        assert_eq!(s.caps, None);
         assert_eq!(s.auth.scram_iterations, 4096);
         assert_eq!(s.auth.failures_per_minute_per_ip, 10);
         assert_eq!(s.auth.failures_per_minute_per_account, 10);

@@ -96,6 +96,11 @@ pub(crate) struct Sm {
     pub(crate) session_stream_id: Arc<str>,
     /// The time of the connection's last input, for stanzas the edge writes itself.
     pub(crate) last_input: Instant,
+    /// Presences Client State Indication (XEP-0352) still held when the connection ended:
+    /// never written, they become the first of the resumed session's `pending` (boxed: most
+    /// sessions never have any, and `Sm` lives as long as the session: 8 bytes, not 32).
+    #[allow(clippy::box_collection)]
+    pub(crate) held: Option<Box<VecDeque<Outbound>>>,
 }
 
 impl Sm {
@@ -110,6 +115,7 @@ impl Sm {
             resumption: None,
             session_stream_id,
             last_input: now,
+            held: None,
         }
     }
 
@@ -154,7 +160,10 @@ impl Sm {
     }
 
     /// The state to hand over, when resumption is enabled.
-    pub(crate) fn into_resumption(mut self, jid: FullJid) -> Result<ResumptionState, Self> {
+    pub(crate) fn into_resumption(
+        mut self: Box<Self>,
+        jid: FullJid,
+    ) -> Result<ResumptionState, Box<Self>> {
         let Some(id) = self.resumption.clone() else {
             return Err(self);
         };
@@ -166,7 +175,7 @@ impl Sm {
             inbound: self.inbound,
             acked: self.acked,
             unacked,
-            pending: VecDeque::new(),
+            pending: self.held.take().map(|held| *held).unwrap_or_default(),
         })
     }
 

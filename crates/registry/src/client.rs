@@ -15,6 +15,11 @@
 //!   shard. Cached answers may be stale for the time a change takes to reach the watcher,
 //!   which routers tolerate (DESIGN.md: a stale route is detected by the edge and retried).
 //!
+//! **Bulk removals**: in [`ReadMode::Cached`] the watch stream also reports the sessions a
+//! lease expiry removed (`Change::expired_node`), and [`SessionRegistry::node_removals`]
+//! hands them on as [`NodeRemoved`] events, one per shard and node; removals made through
+//! this client's own `remove_node` are reported too.
+//!
 //! **Retries and outcomes**: a write whose answer was lost is retried; binds are idempotent
 //! for the same stream id, heartbeats always are, and an unbind retried after it took effect
 //! reports `false`. An error return means the outcome is unknown, never that nothing happened.
@@ -38,7 +43,9 @@ use crate::network::{Channels, MAX_MESSAGE_BYTES};
 use crate::pb;
 use crate::pb::registry_client::RegistryClient as Grpc;
 use crate::shard::shard_of;
-use crate::{BindOutcome, RegistryError, SessionRecord, SessionRegistry};
+use crate::{
+    BindOutcome, NODE_REMOVALS_BUFFER, NodeRemoved, RegistryError, SessionRecord, SessionRegistry,
+};
 
 /// How lookups are answered.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -242,6 +249,8 @@ struct Core {
     /// Every member address known (seeds and learned), tried in turn when no leader is known.
     members: Mutex<Vec<String>>,
     cache: Cache,
+    /// Bulk removals for [`SessionRegistry::node_removals`] subscribers.
+    removals: tokio::sync::broadcast::Sender<Arc<NodeRemoved>>,
 }
 
 /// A [`SessionRegistry`] over a replicated registry cluster. Cheap to clone; its background
@@ -289,6 +298,38 @@ fn from_pb(s: pb::Session) -> Result<SessionRecord, RegistryError> {
 
 fn from_pb_all(v: Vec<pb::Session>) -> Result<Vec<SessionRecord>, RegistryError> {
     v.into_iter().map(from_pb).collect()
+}
+
+/// The bulk removals a watch event reports: the sessions its lease expiries removed, grouped
+/// by node (a session the registry returns with a bad JID is skipped).
+fn node_removals_of(event: &pb::WatchEvent) -> Vec<NodeRemoved> {
+    let mut out: Vec<NodeRemoved> = Vec::new();
+    for change in &event.changes {
+        let Some(node) = change.expired_node.as_deref() else {
+            continue;
+        };
+        let sessions = change
+            .removed
+            .iter()
+            .cloned()
+            .filter_map(|s| from_pb(s).ok());
+        match out.iter_mut().find(|r| &*r.node == node) {
+            Some(r) => r.sessions.extend(sessions),
+            None => out.push(NodeRemoved {
+                node: Arc::from(node),
+                sessions: sessions.collect(),
+            }),
+        }
+    }
+    out.retain(|r| !r.sessions.is_empty());
+    out
+}
+
+impl Core {
+    fn publish_removal(&self, removal: NodeRemoved) {
+        // No subscriber is not an error.
+        let _ = self.removals.send(Arc::new(removal));
+    }
 }
 
 /// Whether a gRPC error may succeed elsewhere or later.
@@ -595,7 +636,12 @@ async fn watch_loop(core: Arc<Core>, cancel: CancellationToken) {
                         () = cancel.cancelled() => return,
                     };
                     match msg {
-                        Ok(Some(event)) => core.cache.event(core.shards, &event),
+                        Ok(Some(event)) => {
+                            core.cache.event(core.shards, &event);
+                            for removal in node_removals_of(&event) {
+                                core.publish_removal(removal);
+                            }
+                        }
                         Ok(None) | Err(_) => break,
                     }
                 }
@@ -626,6 +672,7 @@ impl RegistryClient {
             leaders: Mutex::new(Vec::new()),
             members: Mutex::new(cfg.seeds.clone()),
             cache: Cache::new(0, 0),
+            removals: tokio::sync::broadcast::channel(1).0,
             cfg: cfg.clone(),
         };
         let status = probe.members().await?;
@@ -639,6 +686,7 @@ impl RegistryClient {
             leaders: Mutex::new(vec![None; shards as usize]),
             members: Mutex::new(probe.members.into_inner()),
             cache: Cache::new(cfg.cache_capacity, shards),
+            removals: tokio::sync::broadcast::channel(NODE_REMOVALS_BUFFER).0,
             cfg,
         });
         core.learn(&status);
@@ -905,7 +953,17 @@ impl SessionRegistry for RegistryClient {
         for r in self.on_all_shards(op).await? {
             out.extend(from_pb_all(expect_removed(r)?)?);
         }
+        if !out.is_empty() {
+            self.core.publish_removal(NodeRemoved {
+                node: Arc::from(node),
+                sessions: out.clone(),
+            });
+        }
         Ok(out)
+    }
+
+    fn node_removals(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<NodeRemoved>>> {
+        (self.core.cfg.reads == ReadMode::Cached).then(|| self.core.removals.subscribe())
     }
 
     async fn count(&self) -> Result<usize, RegistryError> {
@@ -976,5 +1034,57 @@ impl SessionRegistry for RegistryClient {
             })),
         };
         self.on_all_shards(op).await.map(|_| ())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn session(jid: &str, node: &str) -> pb::Session {
+        pb::Session {
+            jid: jid.to_owned(),
+            node: node.to_owned(),
+            stream_id: "s".to_owned(),
+            priority: 0,
+            presence: None,
+            resumption: None,
+        }
+    }
+
+    #[test]
+    fn lease_expiries_in_a_watch_event_become_node_removals() {
+        let change = |bare: &str, removed: Vec<pb::Session>, expired: Option<&str>| pb::Change {
+            bare: bare.to_owned(),
+            sessions: Vec::new(),
+            removed,
+            expired_node: expired.map(str::to_owned),
+        };
+        let event = pb::WatchEvent {
+            shard: 0,
+            index: 9,
+            changes: vec![
+                change("a@x", vec![session("a@x/1", "e1")], Some("e1")),
+                // An unbind: not a bulk removal.
+                change("b@x", vec![session("b@x/1", "e1")], None),
+                change(
+                    "c@x",
+                    vec![session("c@x/1", "e1"), session("c@x/2", "e1")],
+                    Some("e1"),
+                ),
+                change("d@x", vec![session("not a jid/", "e2")], Some("e2")),
+            ],
+            resync: false,
+        };
+        let removals = node_removals_of(&event);
+        assert_eq!(removals.len(), 1, "{removals:?}");
+        assert_eq!(&*removals[0].node, "e1");
+        let jids: Vec<String> = removals[0]
+            .sessions
+            .iter()
+            .map(|s| s.jid.to_string())
+            .collect();
+        assert_eq!(jids, ["a@x/1", "c@x/1", "c@x/2"]);
+        assert!(node_removals_of(&pb::WatchEvent::default()).is_empty());
     }
 }

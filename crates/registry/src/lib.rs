@@ -3,7 +3,9 @@
 //! edges and routers are alive (leases).
 //!
 //! Edges write to it when a resource is bound, changes presence or goes away; routers read
-//! it to decide where a stanza goes. Everything goes through the [`SessionRegistry`] trait,
+//! it to decide where a stanza goes, and learn from [`SessionRegistry::node_removals`] of the
+//! sessions it removed in bulk when their edge went away ([`NodeRemoved`]), so they can
+//! broadcast unavailable presence for them. Everything goes through the [`SessionRegistry`] trait,
 //! so the same edge and router code runs over the in-process [`LocalRegistry`] of
 //! `starling serve` and over the Raft-replicated, sharded registry of a cluster
 //! ([`RegistryClient`] talking to [`node::RegistryNode`]s).
@@ -99,6 +101,21 @@ impl SessionRecord {
     }
 }
 
+/// Sessions the registry removed together because the node holding them went away: its lease
+/// expired, or [`SessionRegistry::remove_node`] was called. Routers broadcast unavailable
+/// presence for each of them (RFC 6121 §4.5.2), as for a session that ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeRemoved {
+    /// The node that went away.
+    pub node: NodeId,
+    /// The sessions it held, as they were recorded.
+    pub sessions: Vec<SessionRecord>,
+}
+
+/// How many [`NodeRemoved`] events a subscriber may fall behind before it misses the oldest
+/// (`broadcast::error::RecvError::Lagged` tells it how many).
+pub const NODE_REMOVALS_BUFFER: usize = 64;
+
 /// What a bind did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum BindOutcome {
@@ -177,6 +194,13 @@ pub trait SessionRegistry: Send + Sync + 'static {
             .await?
             .into_iter()
             .find(|s| s.resumption.as_deref() == Some(id)))
+    }
+
+    /// Subscribes to the bulk removals ([`NodeRemoved`]) made from now on. `None` when this
+    /// registry cannot report them (a [`RegistryClient`] in [`ReadMode::Linearizable`] runs
+    /// no watch stream to learn of lease expiries).
+    fn node_removals(&self) -> Option<tokio::sync::broadcast::Receiver<Arc<NodeRemoved>>> {
+        None
     }
 
     /// Renews the lease of `node` (an edge or router) for `ttl`. When a lease expires, the

@@ -1,6 +1,7 @@
 //! The single-node registry of `starling serve`: a map in memory, behind the same trait as
 //! the replicated one. It loses everything with the process, which is correct for sessions
-//! that die with it.
+//! that die with it. It has no leases; [`SessionRegistry::remove_node`] is its only bulk
+//! removal, reported to [`SessionRegistry::node_removals`] subscribers.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -10,7 +11,11 @@ use bytes::Bytes;
 use parking_lot::RwLock;
 use starling_xmpp::{BareJid, FullJid};
 
-use crate::{BindOutcome, RegistryError, SessionRecord, SessionRegistry};
+use tokio::sync::broadcast;
+
+use crate::{
+    BindOutcome, NODE_REMOVALS_BUFFER, NodeRemoved, RegistryError, SessionRecord, SessionRegistry,
+};
 
 /// In-memory registry for one process.
 #[derive(Debug)]
@@ -19,6 +24,7 @@ pub struct LocalRegistry {
     /// cheapest map from resource to record.
     accounts: RwLock<HashMap<BareJid, Vec<SessionRecord>>>,
     max_per_account: usize,
+    removals: broadcast::Sender<Arc<NodeRemoved>>,
 }
 
 impl LocalRegistry {
@@ -27,6 +33,7 @@ impl LocalRegistry {
         LocalRegistry {
             accounts: RwLock::new(HashMap::new()),
             max_per_account,
+            removals: broadcast::channel(NODE_REMOVALS_BUFFER).0,
         }
     }
 }
@@ -113,7 +120,19 @@ impl SessionRegistry for LocalRegistry {
             });
             !sessions.is_empty()
         });
+        drop(accounts);
+        if !removed.is_empty() {
+            // No subscriber is not an error.
+            let _ = self.removals.send(Arc::new(NodeRemoved {
+                node: Arc::from(node),
+                sessions: removed.clone(),
+            }));
+        }
         Ok(removed)
+    }
+
+    fn node_removals(&self) -> Option<broadcast::Receiver<Arc<NodeRemoved>>> {
+        Some(self.removals.subscribe())
     }
 
     async fn count(&self) -> Result<usize, RegistryError> {
@@ -197,8 +216,16 @@ mod tests {
         assert_eq!((s.priority, s.is_available()), (5, true));
         let bare = starling_xmpp::jid::parse_bare("a@x").unwrap();
         assert_eq!(reg.sessions(&bare).await.unwrap().len(), 2);
+        let mut removals = reg.node_removals().unwrap();
         let removed = reg.remove_node("e1").await.unwrap();
         assert_eq!(removed.len(), 2);
+        let event = removals.try_recv().unwrap();
+        assert_eq!((&*event.node, &event.sessions), ("e1", &removed));
+        assert!(reg.remove_node("e1").await.unwrap().is_empty());
+        assert!(
+            removals.try_recv().is_err(),
+            "nothing removed, nothing reported"
+        );
         assert_eq!(reg.sessions(&bare).await.unwrap().len(), 1);
         assert_eq!(reg.count().await, Ok(1));
     }

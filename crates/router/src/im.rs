@@ -2,6 +2,13 @@
 //! [`crate::subscription`]), presence broadcast, probes and directed presence (§4), roster
 //! pushes (§2.1.6) and offline messages (§8.5.2.1.1, XEP-0160, XEP-0203 stamps).
 //!
+//! A probe of a contact with no available resource (§4.3.2) is answered with the contact's
+//! last unavailable presence, stamped with a XEP-0203 `<delay/>` of when it was received: the
+//! broadcast `unavailable` of an account's last available resource (sent by the client, or
+//! written by the server when the session ended) is kept in the store
+//! ([`starling_store::PresenceStore`]); an account that never had one gets no answer, which
+//! §4.3.2 allows.
+//!
 //! What the router keeps in memory is a cache it may lose: per session, whether it is
 //! available, whether it asked for the roster, and whom it sent directed presence to.
 //! Availability and the last presence of every resource live in the registry
@@ -24,7 +31,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use quick_xml::events::Event;
 use starling_registry::{NodeId, SessionRecord};
-use starling_store::{BareUser, RosterItem, StoreError};
+use starling_store::{BareUser, LastPresence, RosterItem, StoreError};
 use starling_xml::Element;
 use starling_xml::writer::XmlWriter;
 use starling_xmpp::jid::{self, BareJid, FullJid, Jid};
@@ -657,6 +664,17 @@ impl Im {
             .await;
     }
 
+    /// Unavailable for a session that is gone while its full JID is bound again by a new
+    /// session: broadcast as if it had been available, leaving the cached state (the new
+    /// session's) alone.
+    pub(crate) async fn unavailable_of_gone(&self, svc: &Services, jid: &FullJid) {
+        let Some(stanza) = presence(Some("unavailable"), jid.as_str(), None) else {
+            return;
+        };
+        self.broadcast_unavailable(svc, jid, &stanza, true, Vec::new())
+            .await;
+    }
+
     /// The user's roster as contacts; an unreadable roster is empty (logged).
     async fn contacts(&self, svc: &Services, user: &BareJid) -> Vec<Contact> {
         let Some(u) = user_of(user) else {
@@ -807,9 +825,19 @@ impl Im {
             if self.cut_off(svc, &who, &Jid::from(c.jid.clone())).await {
                 continue;
             }
-            for s in self.available(svc, &c.jid).await {
-                self.send_last_presence(svc, &s, &me).await;
-            }
+            self.answer_probe(svc, &c.jid, &me).await;
+        }
+    }
+
+    /// A probe of `contact` for the session `me` (§4.3.2): the last presence of each of its
+    /// available resources, or, with none, its last unavailable presence.
+    async fn answer_probe(&self, svc: &Services, contact: &BareJid, me: &SessionRecord) {
+        let available = self.available(svc, contact).await;
+        if available.is_empty() {
+            self.send_last_unavailable(svc, contact, me).await;
+        }
+        for s in available {
+            self.send_last_presence(svc, &s, me).await;
         }
     }
 
@@ -950,13 +978,16 @@ impl Im {
         let contacts = self.contacts(svc, &user).await;
         let mut targets: Vec<SessionRecord> = Vec::new();
         let mut covered: HashSet<BareJid> = HashSet::new();
+        let mut last_resource = false;
         if was_available {
-            targets.extend(
-                self.available(svc, &user)
-                    .await
-                    .into_iter()
-                    .filter(|s| s.jid != *from),
-            );
+            let own: Vec<SessionRecord> = self
+                .available(svc, &user)
+                .await
+                .into_iter()
+                .filter(|s| s.jid != *from)
+                .collect();
+            last_resource = own.is_empty();
+            targets.extend(own);
             let me = Jid::from(from.clone());
             for c in contacts.iter().filter(|c| c.sub.state().has_from()) {
                 covered.insert(c.jid.clone());
@@ -968,6 +999,9 @@ impl Im {
         }
         let refs: Vec<&SessionRecord> = targets.iter().collect();
         deliver(svc, &refs, stanza, true).await;
+        if last_resource {
+            self.remember_unavailable(svc, from, stanza).await;
+        }
         for to in directed {
             if covered.contains(&to.to_bare()) {
                 continue;
@@ -976,6 +1010,55 @@ impl Im {
                 continue;
             };
             self.to_jid(svc, &to, &p).await;
+        }
+    }
+
+    /// Keeps the unavailable presence the account's last available resource broadcast, for
+    /// probes while none is available (§4.3.2).
+    async fn remember_unavailable(&self, svc: &Services, from: &FullJid, stanza: &Element) {
+        let user = from.to_bare();
+        let Some(u) = user_of(&user) else { return };
+        let stamp_ms = OffsetDateTime::now_utc().unix_timestamp_nanos() / 1_000_000;
+        let last = LastPresence {
+            stanza: stanza.raw().clone(),
+            stamp_ms: u64::try_from(stamp_ms).unwrap_or(0),
+        };
+        match svc.store.set_last_unavailable(&u, last).await {
+            Ok(()) => {}
+            // Removed meanwhile: nothing to answer for.
+            Err(StoreError::NotFound) => {}
+            Err(e) => tracing::warn!(error = %e, user = %user, "last presence not stored"),
+        }
+    }
+
+    /// Answers a probe of `contact`, which has no available resource, for the session `to`:
+    /// its last unavailable presence with a `<delay/>` (§4.3.2, XEP-0203), if one is known.
+    async fn send_last_unavailable(&self, svc: &Services, contact: &BareJid, to: &SessionRecord) {
+        let Some(u) = user_of(contact).filter(|_| self.is_local(contact)) else {
+            return;
+        };
+        let last = match svc.store.last_unavailable(&u).await {
+            Ok(Some(last)) => last,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, contact = %contact, "last presence unreadable");
+                return;
+            }
+        };
+        let stored = match Element::parse(last.stanza, ns::JABBER_CLIENT) {
+            Ok(p) if p.name() == "presence" => p,
+            Ok(_) | Err(_) => {
+                tracing::warn!(contact = %contact, "stored last presence is not a presence");
+                return;
+            }
+        };
+        let nanos = i128::from(last.stamp_ms) * 1_000_000;
+        let when =
+            OffsetDateTime::from_unix_timestamp_nanos(nanos).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+        let stamped = with_delay(&stored, contact.domain().as_str(), when);
+        if let Ok(p) = Element::parse(stamped, ns::JABBER_CLIENT) {
+            deliver(svc, &[to], &p, true).await;
+            count("probe_answered_unavailable", 1);
         }
     }
 
@@ -1052,9 +1135,7 @@ impl Im {
         let Ok(Some(me)) = svc.registry.session(from).await else {
             return Outcome::Dropped("probe from a session the registry lost");
         };
-        for s in self.available(svc, contact).await {
-            self.send_last_presence(svc, &s, &me).await;
-        }
+        self.answer_probe(svc, contact, &me).await;
         Outcome::Handled
     }
 

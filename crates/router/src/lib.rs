@@ -13,7 +13,10 @@
 //!
 //! Instant messaging and presence (RFC 6121) live in `im` (broadcast, probes, directed
 //! presence, roster pushes, offline messages, carbons and blocking checks) over the pure
-//! subscription state machine of [`subscription`]; the IQ sides are [`modules`].
+//! subscription state machine of [`subscription`]; the IQ sides are [`modules`]. Sessions
+//! the registry removes in bulk (an edge's lease expired) are queued on their users' workers
+//! and end like any other (see `router`). The server's entity capabilities (XEP-0115) are
+//! computed by [`caps`] from the modules, for the edge's `<c/>` stream feature.
 //!
 //! It must never build a DOM on the routing path (only the payload of a server-addressed
 //! IQ is read, by [`payload`]), never touch a connection, never answer an error with an
@@ -27,6 +30,7 @@
 
 #![forbid(unsafe_code)]
 
+pub mod caps;
 mod error;
 mod im;
 pub mod metrics;

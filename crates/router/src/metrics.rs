@@ -8,9 +8,14 @@
 //!   RFCs ask, or lost to a link failure; the trace says which).
 //! - `starling_router_queue_depth{worker}`: messages waiting in each worker's queue.
 //! - `starling_router_iq_handler_seconds{module}`: time spent in a module's IQ handler.
-//! - `starling_router_session_events_total{event}`: session starts/ends seen.
+//! - `starling_router_session_events_total{event}`: session events: `started`, `ended` (from
+//!   the edge), `removed` (a session the registry removed with its node, e.g. after the
+//!   edge's lease expired), `removals_missed` (bulk removals lost because the router fell
+//!   behind the registry's buffer; their contacts get no `unavailable`).
 //! - `starling_router_im_events_total{event}`: RFC 6121 work: `broadcast` (a presence
-//!   broadcast), `probe_answered`, `subscription` (a roster item's subscription changed),
+//!   broadcast), `probe_answered`, `probe_answered_unavailable` (a probe of a contact with no
+//!   available resource answered with its last unavailable presence, RFC 6121 §4.3.2),
+//!   `subscription` (a roster item's subscription changed),
 //!   `roster_push` (per resource), `offline_stored`, `offline_delivered`,
 //!   `carbon` (per copy, XEP-0280), `offline_refused` (quota or store failure), `roster_full` (a subscription stanza
 //!   would have added an item to a full roster; it is dropped), `untracked_session` (the session cache

@@ -8,6 +8,11 @@
 //! A full queue makes the link's `send` wait: backpressure onto the edge, never loss.
 //! Cancellation stops the intake; each worker then drains what is queued (for at most
 //! `drain_timeout`, after which the rest is counted as dropped) and ends.
+//!
+//! Besides the link, one task listens to the registry's bulk removals
+//! ([`SessionRegistry::node_removals`]: an edge's lease expired, or its node was removed) and
+//! queues each removed session on its user's worker like a session end, so its contacts get
+//! `unavailable` in order with everything else about that user.
 
 use std::collections::HashSet;
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -16,13 +21,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use starling_cluster::{Edges, LinkError, RouterLink, ToRouter};
-use starling_registry::SessionRegistry;
+use starling_registry::{NodeRemoved, SessionRecord, SessionRegistry};
 use starling_store::Store;
+use tokio::sync::broadcast;
 use tokio::sync::mpsc;
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::metrics::QUEUE_DEPTH;
+use crate::metrics::{QUEUE_DEPTH, SESSION_EVENTS_TOTAL};
 use crate::modules::{self, Module, ModuleSet, Services};
 use crate::routing::Core;
 use crate::stanza::bare_part;
@@ -51,8 +57,21 @@ impl std::fmt::Debug for RouterDeps {
 pub struct Router {
     core: Arc<Core>,
     link: Arc<ShardedLink>,
-    receivers: Vec<mpsc::Receiver<ToRouter>>,
+    receivers: Vec<mpsc::Receiver<Job>>,
     drain_timeout: Duration,
+    /// The registry's bulk removals, if it reports them.
+    removals: Option<broadcast::Receiver<Arc<NodeRemoved>>>,
+}
+
+/// What a worker processes: a message from an edge, or a session the registry removed in
+/// bulk.
+#[derive(Debug)]
+pub(crate) enum Job {
+    /// From an edge, through the link.
+    Link(ToRouter),
+    /// Removed with its node (lease expiry, node removal): it ended without its edge
+    /// saying so.
+    Removed(SessionRecord),
 }
 
 impl std::fmt::Debug for Router {
@@ -107,6 +126,7 @@ impl Router {
             receivers.push(rx);
         }
         let drain_timeout = settings.drain_timeout;
+        let removals = deps.registry.node_removals();
         let services = Services {
             store: deps.store,
             registry: deps.registry,
@@ -120,6 +140,7 @@ impl Router {
             link: Arc::new(ShardedLink { queues }),
             receivers,
             drain_timeout,
+            removals,
         })
     }
 
@@ -133,10 +154,20 @@ impl Router {
         self.core.modules().features()
     }
 
-    /// Spawns the workers on the current runtime. They run until `cancel` fires (or every
-    /// link is dropped), drain their queues, and end; the set completes when all have.
+    /// The server's entity capabilities (XEP-0115), computed from exactly what disco#info
+    /// answers (identities and the features above), for the edge's `<c/>` stream feature.
+    pub fn caps(&self) -> &crate::caps::Caps {
+        self.core.caps()
+    }
+
+    /// Spawns the workers (and the listener of the registry's bulk removals) on the current
+    /// runtime. They run until `cancel` fires (or every link is dropped), drain their queues,
+    /// and end; the set completes when all have.
     pub fn run(self, cancel: CancellationToken) -> JoinSet<()> {
         let mut set = JoinSet::new();
+        if let Some(removals) = self.removals {
+            set.spawn(listen_removals(removals, self.link.clone(), cancel.clone()));
+        }
         for (rx, queue) in self.receivers.into_iter().zip(self.link.queues.iter()) {
             let worker = Worker {
                 core: self.core.clone(),
@@ -149,9 +180,49 @@ impl Router {
     }
 }
 
+/// Queues every session of each bulk removal on its user's worker, until `cancel` fires or
+/// the registry stops reporting. Falling behind the registry's buffer loses the oldest
+/// removals: counted and logged, since those sessions' contacts miss their `unavailable`.
+async fn listen_removals(
+    mut removals: broadcast::Receiver<Arc<NodeRemoved>>,
+    link: Arc<ShardedLink>,
+    cancel: CancellationToken,
+) {
+    loop {
+        let event = tokio::select! {
+            biased;
+            () = cancel.cancelled() => return,
+            event = removals.recv() => event,
+        };
+        match event {
+            Ok(removal) => {
+                tracing::info!(
+                    node = %removal.node,
+                    sessions = removal.sessions.len(),
+                    "the registry removed a node's sessions: broadcasting unavailable"
+                );
+                for record in &removal.sessions {
+                    if link.queue(Job::Removed(record.clone())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+            Err(broadcast::error::RecvError::Lagged(missed)) => {
+                metrics::counter!(SESSION_EVENTS_TOTAL, "event" => "removals_missed")
+                    .increment(missed);
+                tracing::warn!(
+                    missed,
+                    "fell behind the registry's bulk removals; some unavailable presence is lost"
+                );
+            }
+            Err(broadcast::error::RecvError::Closed) => return,
+        }
+    }
+}
+
 /// One worker's queue, as the link sees it.
 struct Queue {
-    tx: mpsc::Sender<ToRouter>,
+    tx: mpsc::Sender<Job>,
     /// The `worker` label of the queue-depth gauge.
     label: Arc<str>,
 }
@@ -177,12 +248,28 @@ impl std::fmt::Debug for ShardedLink {
 }
 
 /// The JID whose bare part decides the worker: the sender of a stanza, the session of a
-/// session event, the recipient of an undeliverable stanza.
-fn subject(msg: &ToRouter) -> &str {
-    match msg {
-        ToRouter::Stanza { from, .. } => from.as_str(),
-        ToRouter::SessionStarted { jid } | ToRouter::SessionEnded { jid, .. } => jid.as_str(),
-        ToRouter::Undeliverable { recipient, .. } => recipient.as_str(),
+/// session event or removal, the recipient of an undeliverable stanza.
+fn subject(job: &Job) -> &str {
+    match job {
+        Job::Link(ToRouter::Stanza { from, .. }) => from.as_str(),
+        Job::Link(ToRouter::SessionStarted { jid } | ToRouter::SessionEnded { jid, .. }) => {
+            jid.as_str()
+        }
+        Job::Link(ToRouter::Undeliverable { recipient, .. }) => recipient.as_str(),
+        Job::Removed(record) => record.jid.as_str(),
+    }
+}
+
+impl ShardedLink {
+    /// Queues a job on the worker of its subject's bare JID (waiting while it is full).
+    async fn queue(&self, job: Job) -> Result<(), LinkError> {
+        let index = shard(bare_part(subject(&job)), self.queues.len());
+        let Some(queue) = self.queues.get(index) else {
+            return Err(LinkError::Closed);
+        };
+        queue.tx.send(job).await.map_err(|_| LinkError::Closed)?;
+        queue.report_depth();
+        Ok(())
     }
 }
 
@@ -197,13 +284,7 @@ pub(crate) fn shard(bare: &str, n: usize) -> usize {
 #[async_trait]
 impl RouterLink for ShardedLink {
     async fn send(&self, msg: ToRouter) -> Result<(), LinkError> {
-        let index = shard(bare_part(subject(&msg)), self.queues.len());
-        let Some(queue) = self.queues.get(index) else {
-            return Err(LinkError::Closed);
-        };
-        queue.tx.send(msg).await.map_err(|_| LinkError::Closed)?;
-        queue.report_depth();
-        Ok(())
+        self.queue(Job::Link(msg)).await
     }
 }
 
@@ -214,11 +295,11 @@ struct Worker {
 }
 
 impl Worker {
-    fn report_depth(&self, rx: &mpsc::Receiver<ToRouter>) {
+    fn report_depth(&self, rx: &mpsc::Receiver<Job>) {
         metrics::gauge!(QUEUE_DEPTH, "worker" => self.label.clone()).set(rx.len() as f64);
     }
 
-    async fn run(self, mut rx: mpsc::Receiver<ToRouter>, cancel: CancellationToken) {
+    async fn run(self, mut rx: mpsc::Receiver<Job>, cancel: CancellationToken) {
         loop {
             tokio::select! {
                 biased;

@@ -25,7 +25,7 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Instant;
 
-use starling_cluster::{EdgeLink, ToEdge, ToRouter};
+use starling_cluster::{EdgeLink, EndReason, ToEdge, ToRouter};
 use starling_registry::SessionRecord;
 use starling_store::BareUser;
 use starling_xml::Element;
@@ -33,8 +33,10 @@ use starling_xmpp::jid::{self, BareJid, FullJid, Jid};
 use starling_xmpp::{StanzaError, StanzaErrorCondition, StreamErrorCondition};
 use tracing::Instrument;
 
+use crate::caps::Caps;
 use crate::metrics::{IQ_HANDLER_SECONDS, Outcome, SESSION_EVENTS_TOTAL, STANZAS_TOTAL};
 use crate::modules::{IqContext, IqRequest, IqResult, IqTarget, ModuleSet, Services};
+use crate::router::Job;
 use crate::select::message_recipients;
 use crate::stanza::{self, IqType, MessageType, StanzaKind};
 
@@ -57,15 +59,20 @@ enum Dest {
 pub(crate) struct Core {
     services: Services,
     modules: ModuleSet,
+    /// The server's entity capabilities (XEP-0115), from what disco#info answers.
+    caps: Caps,
     /// The served domains, normalised.
     domains: HashSet<String>,
 }
 
 impl Core {
     pub(crate) fn new(services: Services, modules: ModuleSet, domains: HashSet<String>) -> Self {
+        let identities = crate::modules::identities(&services.settings);
+        let caps = Caps::new(&identities, modules.features(), &[]);
         Core {
             services,
             modules,
+            caps,
             domains,
         }
     }
@@ -74,8 +81,46 @@ impl Core {
         &self.modules
     }
 
+    pub(crate) fn caps(&self) -> &Caps {
+        &self.caps
+    }
+
+    /// Processes one job of a worker.
+    pub(crate) async fn handle(&self, job: Job) {
+        match job {
+            Job::Link(msg) => self.handle_link(msg).await,
+            Job::Removed(record) => self.session_removed(record).await,
+        }
+    }
+
+    /// A session the registry removed with its node (RFC 6121 §4.5.2: unavailable whatever
+    /// the reason), unless the client has bound the same resource again since: then the
+    /// cached state of that JID is the new session's, and an `unavailable` for the old one
+    /// is sent only while the new one has sent no presence of its own.
+    async fn session_removed(&self, record: SessionRecord) {
+        metrics::counter!(SESSION_EVENTS_TOTAL, "event" => "removed").increment(1);
+        tracing::debug!(jid = %record.jid, node = %record.node, "session removed with its node");
+        if let Ok(Some(current)) = self.services.registry.session(&record.jid).await
+            && current.stream_id != record.stream_id
+        {
+            if !current.is_available() {
+                self.services
+                    .im
+                    .unavailable_of_gone(&self.services, &record.jid)
+                    .await;
+            }
+            return;
+        }
+        let reason = EndReason::ConnectionLost;
+        for module in self.modules.iter() {
+            module
+                .session_ended(&self.services, &record.jid, &reason)
+                .await;
+        }
+    }
+
     /// Processes one message from an edge.
-    pub(crate) async fn handle(&self, msg: ToRouter) {
+    async fn handle_link(&self, msg: ToRouter) {
         match msg {
             ToRouter::Stanza { from, stanza } => self.stanza(from, stanza).await,
             ToRouter::Undeliverable { recipient, stanza } => {
@@ -98,13 +143,14 @@ impl Core {
         }
     }
 
-    /// Counts a message that was never handled (dropped at shutdown).
-    pub(crate) fn record_unhandled(msg: &ToRouter) {
-        let kind = match msg {
-            ToRouter::Stanza { stanza, .. } | ToRouter::Undeliverable { stanza, .. } => {
+    /// Counts a job that was never handled (dropped at shutdown).
+    pub(crate) fn record_unhandled(job: &Job) {
+        let kind = match job {
+            Job::Link(ToRouter::Stanza { stanza, .. } | ToRouter::Undeliverable { stanza, .. }) => {
                 StanzaKind::of(stanza).map_or("other", StanzaKind::name)
             }
-            ToRouter::SessionStarted { .. } | ToRouter::SessionEnded { .. } => "session",
+            Job::Link(ToRouter::SessionStarted { .. } | ToRouter::SessionEnded { .. })
+            | Job::Removed(_) => "session",
         };
         Outcome::Dropped("shutdown").record(kind);
     }
@@ -554,6 +600,7 @@ impl Core {
         let ctx = IqContext {
             services: &self.services,
             features: self.modules.features(),
+            caps: &self.caps,
             from,
             target: &target,
             domain,

@@ -60,6 +60,8 @@ struct Harness {
     e2: Receiver<ToEdge>,
     cancel: CancellationToken,
     tasks: JoinSet<()>,
+    /// The router's entity capabilities.
+    caps: crate::caps::Caps,
 }
 
 impl Harness {
@@ -92,6 +94,7 @@ impl Harness {
             edges,
         };
         let router = Router::with_modules(settings, deps, modules).unwrap();
+        let caps = router.caps().clone();
         let link = router.link();
         let cancel = CancellationToken::new();
         let tasks = router.run(cancel.clone());
@@ -103,6 +106,7 @@ impl Harness {
             e2,
             cancel,
             tasks,
+            caps,
         }
     }
 
@@ -526,6 +530,19 @@ fn features_of(reply: &Element) -> Vec<String> {
         .collect()
 }
 
+/// Juliet's disco#`kind` (`info` or `items`) query of the server's `node`, and its answer.
+async fn disco_node(h: &mut Harness, id: &str, kind: &str, node: &str) -> Element {
+    h.send(
+        "juliet@example.org/home",
+        &format!(
+            "<iq type='get' id='{id}' to='example.org'>\
+             <query xmlns='http://jabber.org/protocol/disco#{kind}' node='{node}'/></iq>"
+        ),
+    )
+    .await;
+    h.delivery(1).await.1
+}
+
 #[tokio::test]
 async fn disco_lists_exactly_the_registered_features() {
     let mut h = Harness::new().await;
@@ -556,8 +573,29 @@ async fn disco_lists_exactly_the_registered_features() {
             "urn:xmpp:blocking",
             "urn:xmpp:carbons:2",
             "urn:xmpp:receipts",
+            "http://jabber.org/protocol/caps",
         ]
     );
+    // XEP-0115 §6.2: the caps node answers the same, with the node echoed; its `ver` is the
+    // hash of exactly those identities and features (§5.1).
+    let plain = text(&reply).to_owned();
+    let node = h.caps.disco_node();
+    let with_node = disco_node(&mut h, "d1n", "info", &node).await;
+    assert_eq!(
+        text(&with_node)
+            .replace(&format!(" node='{node}'"), "")
+            .replace("d1n", "d1"),
+        plain
+    );
+    let features = features_of(&with_node);
+    let features: Vec<&str> = features.iter().map(String::as_str).collect();
+    let expected =
+        crate::caps::verification_string(&modules::identities(&settings()), &features, &[]);
+    assert_eq!(h.caps.ver, expected);
+    assert_eq!(h.caps.node, crate::caps::NODE);
+    // Items of the caps node: it is no items node (§6.2).
+    let items = disco_node(&mut h, "d1i", "items", &node).await;
+    assert_eq!(condition(&items), "item-not-found");
     // Items: none yet.
     h.send(
         "juliet@example.org/home",

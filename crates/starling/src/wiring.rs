@@ -87,6 +87,7 @@ pub(crate) fn edge_settings(checked: &Checked) -> starling_edge::Settings {
         sm_ack_every: Duration::from_secs(c.c2s.sm_ack_every_secs),
         sm_max_unacked_stanzas: usize::try_from(c.c2s.sm_max_unacked_stanzas).unwrap_or(usize::MAX),
         sm_max_unacked_bytes: usize::try_from(c.c2s.sm_max_unacked_bytes).unwrap_or(usize::MAX),
+        csi_max_held: usize::try_from(c.c2s.csi_max_held).unwrap_or(usize::MAX),
         shutdown_grace: EDGE_GRACE,
         auth: AuthSettings {
             scram_iterations: c.auth.scram_iterations,
@@ -167,8 +168,18 @@ pub(crate) async fn start(
     )
     .context("cannot build the router")?;
 
+    // XEP-0115 §6.3: the edge advertises what the router's disco#info answers.
+    let caps = router.caps();
+    let edge_settings = starling_edge::Settings {
+        caps: Some(starling_edge::ServerCaps {
+            hash: starling_router::caps::HASH.to_owned(),
+            node: caps.node.clone(),
+            ver: caps.ver.clone(),
+        }),
+        ..edge_settings(checked)
+    };
     let edge = Edge::new(
-        edge_settings(checked),
+        edge_settings,
         EdgeDeps {
             node: deps.node.clone(),
             domains: config.server.domains.clone(),
@@ -246,6 +257,7 @@ mod tests {
                 ("STARLING_C2S__RATE_BYTES_PER_SEC".into(), "6".into()),
                 ("STARLING_C2S__RATE_BURST_BYTES".into(), "8".into()),
                 ("STARLING_C2S__OUTBOUND_QUEUE_STANZAS".into(), "9".into()),
+                ("STARLING_C2S__CSI_MAX_HELD".into(), "10".into()),
                 ("STARLING_AUTH__SCRAM_ITERATIONS".into(), "5000".into()),
                 (
                     "STARLING_AUTH__FAILURES_PER_MINUTE_PER_IP".into(),
@@ -277,6 +289,7 @@ mod tests {
         assert_eq!(e.keepalive_interval, Duration::from_secs(5));
         assert_eq!((e.rate_bytes_per_sec, e.rate_burst_bytes), (6, 8));
         assert_eq!(e.outbound_queue_stanzas, 9);
+        assert_eq!(e.csi_max_held, 10);
         assert_eq!(e.auth.scram_iterations, 5000);
         assert_eq!(e.auth.failures_per_minute_per_ip, 11);
         assert_eq!(e.auth.failures_per_minute_per_account, 12);

@@ -7,12 +7,14 @@
 
 use starling_sasl::{HashAlgo, ScramCredentials};
 
-use crate::{RosterItem, StoreError};
+use crate::{LastPresence, RosterItem, StoreError};
 
 /// Format of account records: a credential count, then each credential.
 const ACCOUNT_V1: u8 = 1;
 /// Format of roster item records.
 const ROSTER_ITEM_V1: u8 = 1;
+/// Format of last-presence records: the stamp, then the stanza.
+const LAST_PRESENCE_V1: u8 = 1;
 
 /// The stable on-disk id of a hash; never renumber.
 fn hash_id(hash: HashAlgo) -> u8 {
@@ -161,6 +163,27 @@ impl RosterItem {
     }
 }
 
+impl LastPresence {
+    pub(crate) fn encode(&self) -> Result<Vec<u8>, StoreError> {
+        let mut w = Writer::new(LAST_PRESENCE_V1);
+        w.u64(self.stamp_ms);
+        w.bytes(&self.stanza)?;
+        Ok(w.finish())
+    }
+
+    pub(crate) fn decode(data: &[u8]) -> Result<Self, StoreError> {
+        let mut r = Reader::new(data, "last presence")?;
+        match r.format {
+            LAST_PRESENCE_V1 => {}
+            other => return Err(r.corrupt_format(other)),
+        }
+        let stamp_ms = r.u64()?;
+        let stanza = bytes::Bytes::copy_from_slice(r.bytes()?);
+        r.end()?;
+        Ok(LastPresence { stanza, stamp_ms })
+    }
+}
+
 fn too_long(what: &str) -> StoreError {
     StoreError::InvalidInput(format!("{what} too long to store"))
 }
@@ -181,6 +204,10 @@ impl Writer {
     }
 
     fn u32(&mut self, v: u32) {
+        self.buf.extend_from_slice(&v.to_be_bytes());
+    }
+
+    fn u64(&mut self, v: u64) {
         self.buf.extend_from_slice(&v.to_be_bytes());
     }
 
@@ -241,6 +268,13 @@ impl<'a> Reader<'a> {
     fn u32(&mut self) -> Result<u32, StoreError> {
         let b = self.take(4)?;
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, StoreError> {
+        let b = self.take(8)?;
+        let mut be = [0u8; 8];
+        be.copy_from_slice(b);
+        Ok(u64::from_be_bytes(be))
     }
 
     fn bytes(&mut self) -> Result<&'a [u8], StoreError> {
@@ -367,6 +401,31 @@ mod tests {
         hostile.extend_from_slice(&u32::MAX.to_be_bytes());
         assert!(matches!(
             RosterItem::decode(&hostile),
+            Err(StoreError::Corrupt(_))
+        ));
+    }
+
+    #[test]
+    fn last_presence_round_trip_and_damage() {
+        let last = LastPresence {
+            stanza: bytes::Bytes::from_static(b"<presence type='unavailable'/>"),
+            stamp_ms: 1_700_000_000_123,
+        };
+        let bytes = last.encode().unwrap();
+        assert_eq!(LastPresence::decode(&bytes).unwrap(), last);
+        for n in 0..bytes.len() {
+            assert!(matches!(
+                LastPresence::decode(&bytes[..n]),
+                Err(StoreError::Corrupt(_))
+            ));
+        }
+        let mut longer = bytes.clone();
+        longer.push(0);
+        assert!(LastPresence::decode(&longer).is_err());
+        let mut future = bytes;
+        future[0] = 2;
+        assert!(matches!(
+            LastPresence::decode(&future),
             Err(StoreError::Corrupt(_))
         ));
     }

@@ -48,6 +48,17 @@ pub struct RosterItem {
     pub groups: Vec<String>,
 }
 
+/// The last unavailable presence an account broadcast (RFC 6121 §4.3.2), kept to answer
+/// presence probes while it has no available resource.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LastPresence {
+    /// The presence stanza as broadcast (with its `from`), serialised.
+    pub stanza: bytes::Bytes,
+    /// When the server received it, in milliseconds since the Unix epoch (for the XEP-0203
+    /// `<delay/>` of the probe answer).
+    pub stamp_ms: u64,
+}
+
 /// A user's whole roster with its version (XEP-0237 roster versioning).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Roster {

@@ -16,8 +16,8 @@ use starling_sasl::{HashAlgo, ScramCredentials};
 
 use crate::codec::AccountRecord;
 use crate::{
-    AccountStore, BareUser, OfflineStore, PrivateStore, Roster, RosterItem, RosterStore,
-    StoreError, VcardStore,
+    AccountStore, BareUser, LastPresence, OfflineStore, PresenceStore, PrivateStore, Roster,
+    RosterItem, RosterStore, StoreError, VcardStore,
 };
 
 /// Store-wide metadata: `"schema"` → the layout version below.
@@ -40,6 +40,10 @@ const PRIVATE: TableDefinition<'static, (&str, &str, &str), &[u8]> =
     TableDefinition::new("private_xml");
 /// `(domain, localpart)` → vCard XML.
 const VCARDS: TableDefinition<'static, (&str, &str), &[u8]> = TableDefinition::new("vcards");
+/// `(domain, localpart)` → last unavailable presence record (codec). Added without a schema
+/// change: a file from before simply gets the empty table.
+const LAST_PRESENCE: TableDefinition<'static, (&str, &str), &[u8]> =
+    TableDefinition::new("last_presence");
 
 /// The layout version written in [`META`]; a file with a newer one is refused.
 const SCHEMA_VERSION: u64 = 1;
@@ -96,6 +100,7 @@ impl RedbStore {
             txn.open_table(OFFLINE_COUNTS)?;
             txn.open_table(PRIVATE)?;
             txn.open_table(VCARDS)?;
+            txn.open_table(LAST_PRESENCE)?;
             let mut meta = txn.open_table(META)?;
             let found = meta.get("schema")?.map(|v| v.value());
             match found {
@@ -244,6 +249,7 @@ impl AccountStore for RedbStore {
             txn.open_table(PRIVATE)?
                 .retain_in((d, l, "")..(d, next.as_str(), ""), |_, _| false)?;
             txn.open_table(VCARDS)?.remove((d, l))?;
+            txn.open_table(LAST_PRESENCE)?.remove((d, l))?;
             Ok(())
         })
         .await
@@ -492,6 +498,36 @@ impl VcardStore for RedbStore {
     }
 }
 
+#[async_trait]
+impl PresenceStore for RedbStore {
+    async fn last_unavailable(&self, user: &BareUser) -> Result<Option<LastPresence>, StoreError> {
+        let user = user.clone();
+        self.blocking(move |db| {
+            let txn = db.begin_read()?;
+            let table = txn.open_table(LAST_PRESENCE)?;
+            let found = table.get(key(&user))?;
+            found.map(|v| LastPresence::decode(v.value())).transpose()
+        })
+        .await
+    }
+
+    async fn set_last_unavailable(
+        &self,
+        user: &BareUser,
+        presence: LastPresence,
+    ) -> Result<(), StoreError> {
+        let record = presence.encode()?;
+        let user = user.clone();
+        self.write(move |txn| {
+            require_account(txn, &user)?;
+            txn.open_table(LAST_PRESENCE)?
+                .insert(key(&user), record.as_slice())?;
+            Ok(())
+        })
+        .await
+    }
+}
+
 /// Test support: raw access to prove deletion is complete and to plant damaged records.
 #[cfg(test)]
 impl RedbStore {
@@ -505,7 +541,8 @@ impl RedbStore {
             + txn.open_table(OFFLINE)?.len()?
             + txn.open_table(OFFLINE_COUNTS)?.len()?
             + txn.open_table(PRIVATE)?.len()?
-            + txn.open_table(VCARDS)?.len()?)
+            + txn.open_table(VCARDS)?.len()?
+            + txn.open_table(LAST_PRESENCE)?.len()?)
     }
 
     pub(crate) fn put_raw_account(&self, user: &BareUser, raw: &[u8]) -> Result<(), StoreError> {

@@ -350,6 +350,37 @@ async fn fill(s: &RedbStore, u: &BareUser) {
     s.set_vcard(u, Bytes::from_static(b"<vCard/>"))
         .await
         .unwrap();
+    s.set_last_unavailable(u, last(1, "gone")).await.unwrap();
+}
+
+fn last(stamp_ms: u64, status: &str) -> LastPresence {
+    LastPresence {
+        stanza: Bytes::from(format!(
+            "<presence type='unavailable' from='x@capulet.example/r'><status>{status}</status></presence>"
+        )),
+        stamp_ms,
+    }
+}
+
+#[tokio::test]
+async fn last_unavailable_presence_is_replaced_and_needs_an_account() {
+    let s = store();
+    let juliet = user("juliet");
+    assert_eq!(s.last_unavailable(&juliet).await.unwrap(), None);
+    assert!(matches!(
+        s.set_last_unavailable(&juliet, last(1, "a")).await,
+        Err(StoreError::NotFound)
+    ));
+    s.create(&juliet, all_creds("pw")).await.unwrap();
+    s.set_last_unavailable(&juliet, last(1_700_000_000_123, "first"))
+        .await
+        .unwrap();
+    let stored = last(u64::MAX, "second");
+    s.set_last_unavailable(&juliet, stored.clone())
+        .await
+        .unwrap();
+    assert_eq!(s.last_unavailable(&juliet).await.unwrap(), Some(stored));
+    assert_eq!(s.last_unavailable(&user("romeo")).await.unwrap(), None);
 }
 
 #[tokio::test]
@@ -375,6 +406,7 @@ async fn deleting_an_account_deletes_all_its_data() {
         None
     );
     assert_eq!(s.vcard(&juliet).await.unwrap(), None);
+    assert_eq!(s.last_unavailable(&juliet).await.unwrap(), None);
     for other in [&jul, &julietta] {
         assert_eq!(s.roster(other).await.unwrap().items.len(), 2);
         assert_eq!(s.count_offline(other).await.unwrap(), 1);

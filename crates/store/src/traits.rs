@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use bytes::Bytes;
 use starling_sasl::{HashAlgo, ScramCredentials};
 
-use crate::{BareUser, Roster, RosterItem, StoreError};
+use crate::{BareUser, LastPresence, Roster, RosterItem, StoreError};
 
 /// Accounts and their SCRAM credentials.
 #[async_trait]
@@ -124,7 +124,29 @@ pub trait VcardStore: Send + Sync {
     async fn set_vcard(&self, user: &BareUser, vcard: Bytes) -> Result<(), StoreError>;
 }
 
-/// Everything the server persists, as one object: `Arc<dyn Store>` upcasts to each part.
-pub trait Store: AccountStore + RosterStore + OfflineStore + PrivateStore + VcardStore {}
+/// The last unavailable presence of each account (RFC 6121 §4.3.2: a probe of a contact with
+/// no available resource may be answered with it).
+#[async_trait]
+pub trait PresenceStore: Send + Sync {
+    /// The last unavailable presence stored for the user, if any.
+    async fn last_unavailable(&self, user: &BareUser) -> Result<Option<LastPresence>, StoreError>;
 
-impl<T> Store for T where T: AccountStore + RosterStore + OfflineStore + PrivateStore + VcardStore {}
+    /// Stores (replaces) the user's last unavailable presence. [`StoreError::NotFound`] if
+    /// the user has no account.
+    async fn set_last_unavailable(
+        &self,
+        user: &BareUser,
+        presence: LastPresence,
+    ) -> Result<(), StoreError>;
+}
+
+/// Everything the server persists, as one object: `Arc<dyn Store>` upcasts to each part.
+pub trait Store:
+    AccountStore + RosterStore + OfflineStore + PrivateStore + VcardStore + PresenceStore
+{
+}
+
+impl<T> Store for T where
+    T: AccountStore + RosterStore + OfflineStore + PrivateStore + VcardStore + PresenceStore
+{
+}

@@ -433,3 +433,193 @@ pub(crate) fn is_chat_from(message: &Message, from: &BareJid, body: &str) -> boo
         && message.from.as_ref().map(Jid::to_bare).as_ref() == Some(from)
         && message.bodies.values().any(|b| b == body)
 }
+
+/// A tokio-xmpp session driven below `StanzaStream`, on tokio-xmpp's own XML stream, for
+/// what `StanzaStream` cannot do: read the stream features of the authenticated stream, and
+/// send a nonza (XEP-0352's `<active/>` and `<inactive/>`, xmpp-parsers' `csi` types written
+/// through the stream's `Sink`). The resource is bound with xmpp-parsers' `bind` types; no
+/// stream management. Stanzas not yet wanted are kept, in order.
+pub(crate) struct TxStream {
+    conn: Connection,
+    jid: FullJid,
+    next_id: u32,
+    backlog: VecDeque<Stanza>,
+}
+
+impl std::fmt::Debug for TxStream {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TxStream").field("jid", &self.jid).finish()
+    }
+}
+
+impl TxStream {
+    /// Logs in to `server` as `jid` (SCRAM-SHA-256, like [`TxClient`]) and binds a
+    /// resource.
+    pub(crate) async fn connect(
+        server: PinnedServer,
+        jid: &BareJid,
+        password: &str,
+    ) -> Result<TxStream, String> {
+        let conn = tokio::time::timeout(
+            STEP,
+            login(
+                server,
+                Jid::from(jid.clone()),
+                password.to_owned(),
+                Timeouts::tight(),
+            ),
+        )
+        .await
+        .map_err(|_| format!("no login within {STEP:?}"))?
+        .map_err(|e| e.to_string())?;
+        let mut stream = TxStream {
+            conn,
+            jid: FullJid::new(&format!("{jid}/unbound")).map_err(|e| e.to_string())?,
+            next_id: 0,
+            backlog: VecDeque::new(),
+        };
+        let bind = Iq::from_set("bind", tokio_xmpp::parsers::bind::BindQuery::new(None));
+        stream.send(bind).await?;
+        let payload = stream.answer("bind").await?.ok_or("an empty bind result")?;
+        let bound = tokio_xmpp::parsers::bind::BindResponse::try_from(payload)
+            .map_err(|e| format!("bad bind result: {e:?}"))?;
+        stream.jid = bound.into();
+        Ok(stream)
+    }
+
+    /// The bound full JID.
+    pub(crate) fn jid(&self) -> &FullJid {
+        &self.jid
+    }
+
+    /// The stream features after authentication.
+    pub(crate) fn features(&self) -> &tokio_xmpp::parsers::stream_features::StreamFeatures {
+        &self.conn.features
+    }
+
+    /// Sends a stanza.
+    pub(crate) async fn send(&mut self, stanza: impl Into<Stanza>) -> Result<(), String> {
+        let element = XmppStreamElement::Stanza(stanza.into());
+        tokio::time::timeout(STEP, self.conn.stream.send(&element))
+            .await
+            .map_err(|_| "send timed out".to_owned())?
+            .map_err(|e| e.to_string())
+    }
+
+    /// Sends XEP-0352's `<inactive/>` (`inactive`) or `<active/>`.
+    pub(crate) async fn indicate(&mut self, inactive: bool) -> Result<(), String> {
+        use tokio_xmpp::parsers::csi;
+        let sent = if inactive {
+            tokio::time::timeout(STEP, self.conn.stream.send(&csi::Inactive)).await
+        } else {
+            tokio::time::timeout(STEP, self.conn.stream.send(&csi::Active)).await
+        };
+        sent.map_err(|_| "send timed out".to_owned())?
+            .map_err(|e| e.to_string())
+    }
+
+    /// The next stanza from the stream (not from what was set aside).
+    async fn read(&mut self, timeout: Duration) -> Result<Stanza, String> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let next = tokio::time::timeout_at(deadline, self.conn.stream.next())
+                .await
+                .map_err(|_| format!("no stanza within {timeout:?}"))?;
+            match next.map(|r| r.and_then(|e| e.into_read_error())) {
+                None => return Err("the stream ended".into()),
+                Some(Ok(XmppStreamElement::Stanza(stanza))) => return Ok(stanza),
+                Some(Ok(other)) => return Err(format!("not a stanza: {other:?}")),
+                Some(Err(ReadError::SoftTimeout)) => continue,
+                Some(Err(e)) => return Err(read_error(e).to_string()),
+            }
+        }
+    }
+
+    /// Waits for a stanza `pred` accepts, setting the others aside in order.
+    pub(crate) async fn expect(
+        &mut self,
+        what: &str,
+        mut pred: impl FnMut(&Stanza) -> bool,
+    ) -> Result<Stanza, String> {
+        if let Some(at) = self.backlog.iter().position(&mut pred)
+            && let Some(found) = self.backlog.remove(at)
+        {
+            return Ok(found);
+        }
+        let deadline = tokio::time::Instant::now() + STEP;
+        loop {
+            let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+            match self.read(left).await {
+                Ok(s) if pred(&s) => return Ok(s),
+                Ok(s) => self.backlog.push_back(s),
+                Err(e) => {
+                    return Err(format!(
+                        "{} waiting for {what}: {e}; set aside: {:?}",
+                        self.jid, self.backlog
+                    ));
+                }
+            }
+        }
+    }
+
+    /// The result payload (or error) of the IQ with `id`.
+    async fn answer(&mut self, id: &str) -> Result<Option<Element>, String> {
+        let answer = self
+            .expect(&format!("the answer to IQ {id}"), |s| {
+                matches!(s, Stanza::Iq(Iq::Result { id: got, .. } | Iq::Error { id: got, .. })
+                    if got == id)
+            })
+            .await?;
+        match answer {
+            Stanza::Iq(Iq::Result { payload, .. }) => Ok(payload),
+            Stanza::Iq(Iq::Error { error, .. }) => Err(format!("IQ error: {error:?}")),
+            other => Err(format!("not an IQ answer: {other:?}")),
+        }
+    }
+
+    /// Sends an IQ get (to the account itself when `to` is `None`) and waits for its answer.
+    pub(crate) async fn iq_get(
+        &mut self,
+        to: Option<Jid>,
+        payload: impl tokio_xmpp::parsers::iq::IqGetPayload,
+    ) -> Result<Option<Element>, String> {
+        self.next_id += 1;
+        let id = format!("txs{}", self.next_id);
+        let mut iq = Iq::from_get(id.clone(), payload);
+        if let Some(to) = to {
+            iq = iq.with_to(to);
+        }
+        self.send(iq).await?;
+        self.answer(&id).await
+    }
+
+    /// A round trip to the server on this stream: everything delivered to the session before
+    /// the answer has been read (and set aside) when it returns.
+    pub(crate) async fn barrier(&mut self) -> Result<(), String> {
+        let domain = Jid::from(self.jid.domain().to_owned());
+        self.iq_get(Some(domain), Ping).await.map(drop)
+    }
+
+    /// XEP-0030 disco#info of the server's domain, of `node` if given.
+    pub(crate) async fn disco_info_server(
+        &mut self,
+        node: Option<String>,
+    ) -> Result<DiscoInfoResult, String> {
+        let domain = Jid::from(self.jid.domain().to_owned());
+        let payload = self
+            .iq_get(Some(domain), DiscoInfoQuery { node })
+            .await?
+            .ok_or("empty disco#info result")?;
+        DiscoInfoResult::try_from(payload).map_err(|e| format!("bad disco#info result: {e:?}"))
+    }
+
+    /// What was received and set aside so far, oldest first.
+    pub(crate) fn backlog(&self) -> impl Iterator<Item = &Stanza> {
+        self.backlog.iter()
+    }
+
+    /// Closes the stream (`</stream:stream>`).
+    pub(crate) async fn close(mut self) {
+        let _ = tokio::time::timeout(STEP, self.conn.stream.shutdown()).await;
+    }
+}

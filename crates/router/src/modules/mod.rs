@@ -7,11 +7,14 @@
 //! Modules now: [`Disco`] (XEP-0030), [`Version`] (XEP-0092), [`Ping`] (XEP-0199),
 //! [`Time`] (XEP-0202), [`Register`] (XEP-0077 after authentication), [`Roster`] (RFC 6121
 //! §2, XEP-0237), [`Presence`] (the session hooks of RFC 6121 §4), [`Vcard`] (XEP-0054)
-//! [`Private`] (XEP-0049), [`Blocking`] (XEP-0191) and [`Carbons`] (XEP-0280).
+//! [`Private`] (XEP-0049), [`Blocking`] (XEP-0191), [`Carbons`] (XEP-0280) and
+//! [`EntityCaps`] (XEP-0115; the verification string of all their features is in
+//! [`crate::caps`]).
 
 mod blocking;
+mod caps;
 mod carbons;
-mod disco;
+pub(crate) mod disco;
 mod ping;
 mod presence;
 mod private;
@@ -33,12 +36,14 @@ use starling_xml::Element;
 use starling_xmpp::{BareJid, FullJid, StanzaError, StreamErrorCondition};
 
 use crate::Settings;
+use crate::caps::Caps;
 use crate::payload::{self, Payload, PayloadError};
 use crate::stanza::IqType;
 
 pub use blocking::Blocking;
+pub use caps::EntityCaps;
 pub use carbons::Carbons;
-pub use disco::Disco;
+pub use disco::{Disco, identities};
 pub use ping::Ping;
 pub use presence::Presence;
 pub use private::Private;
@@ -113,6 +118,8 @@ pub struct IqContext<'a> {
     pub services: &'a Services,
     /// The features of every registered module, in registration order (for disco).
     pub features: &'a [&'static str],
+    /// The server's entity capabilities (XEP-0115), computed from `features`.
+    pub caps: &'a Caps,
     /// The sender's full JID.
     pub from: &'a FullJid,
     /// Whom the IQ is for.
@@ -159,12 +166,20 @@ pub trait Module: Send + Sync + 'static {
     fn features(&self) -> &[&'static str];
 
     /// Whether this module answers IQ requests with a payload in namespace `ns` sent to
-    /// `target`.
-    fn handles_iq(&self, target: &IqTarget, ns: &str) -> bool;
+    /// `target`. By default none: a module that only advertises a feature or watches
+    /// sessions.
+    fn handles_iq(&self, _target: &IqTarget, _ns: &str) -> bool {
+        false
+    }
 
     /// Answers one IQ request this module said it handles. Must not panic on anything in
-    /// the stanza; a failure is an [`IqResult::Error`].
-    async fn handle_iq(&self, ctx: &IqContext<'_>, iq: &IqRequest<'_>) -> IqResult;
+    /// the stanza; a failure is an [`IqResult::Error`]. By default (never called while
+    /// `handles_iq` claims nothing) `service-unavailable`.
+    async fn handle_iq(&self, _ctx: &IqContext<'_>, _iq: &IqRequest<'_>) -> IqResult {
+        IqResult::Error(StanzaError::new(
+            starling_xmpp::StanzaErrorCondition::ServiceUnavailable,
+        ))
+    }
 
     /// A resource was bound (extension point for presence and offline delivery, issue 4).
     async fn session_started(&self, _services: &Services, _jid: &FullJid) {}
@@ -221,7 +236,8 @@ impl ModuleSet {
 }
 
 /// The modules of a single-node server now: disco, version, ping, time, register, roster,
-/// presence, vcard-temp, private XML storage, blocking and carbons.
+/// presence, vcard-temp, private XML storage, blocking, carbons, receipts and entity
+/// capabilities.
 pub fn default_modules() -> Vec<Arc<dyn Module>> {
     vec![
         Arc::new(Disco),
@@ -236,6 +252,7 @@ pub fn default_modules() -> Vec<Arc<dyn Module>> {
         Arc::new(Blocking),
         Arc::new(Carbons),
         Arc::new(Receipts),
+        Arc::new(EntityCaps),
     ]
 }
 

@@ -8,7 +8,7 @@ use async_trait::async_trait;
 use starling_cluster::EndReason;
 use starling_xmpp::FullJid;
 
-use super::{IqContext, IqRequest, IqResult, IqTarget, Module, Services};
+use super::{Module, Services};
 
 /// The session hooks of RFC 6121 presence.
 #[derive(Debug, Clone, Copy, Default)]
@@ -22,16 +22,6 @@ impl Module for Presence {
 
     fn features(&self) -> &[&'static str] {
         &[]
-    }
-
-    fn handles_iq(&self, _target: &IqTarget, _ns: &str) -> bool {
-        false
-    }
-
-    async fn handle_iq(&self, _ctx: &IqContext<'_>, _iq: &IqRequest<'_>) -> IqResult {
-        IqResult::Error(starling_xmpp::StanzaError::new(
-            starling_xmpp::StanzaErrorCondition::ServiceUnavailable,
-        ))
     }
 
     async fn session_started(&self, services: &Services, jid: &FullJid) {

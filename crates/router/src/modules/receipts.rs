@@ -6,7 +6,7 @@
 use async_trait::async_trait;
 use starling_xmpp::ns;
 
-use super::{IqContext, IqRequest, IqResult, IqTarget, Module};
+use super::Module;
 
 /// The XEP-0184 module: a disco feature, no IQ handling.
 #[derive(Debug, Clone, Copy, Default)]
@@ -20,16 +20,5 @@ impl Module for Receipts {
 
     fn features(&self) -> &[&'static str] {
         &[ns::RECEIPTS]
-    }
-
-    fn handles_iq(&self, _target: &IqTarget, _ns: &str) -> bool {
-        false
-    }
-
-    async fn handle_iq(&self, _ctx: &IqContext<'_>, _iq: &IqRequest<'_>) -> IqResult {
-        // Never called: `handles_iq` claims nothing.
-        IqResult::Error(starling_xmpp::StanzaError::new(
-            starling_xmpp::StanzaErrorCondition::ServiceUnavailable,
-        ))
     }
 }

@@ -4,7 +4,7 @@
 
 use super::*;
 use crate::modules::default_modules;
-use starling_store::{OfflineStore, RosterItem, RosterStore};
+use starling_store::{OfflineStore, PresenceStore, RosterItem, RosterStore};
 
 /// One delivery seen on an edge.
 #[derive(Debug)]
@@ -1046,4 +1046,172 @@ async fn an_undeliverable_server_copy_is_dropped_not_rerouted() {
     assert!(e1.is_empty(), "{e1:?}");
     let juliet = BareUser::new(DOMAIN, "juliet");
     assert_eq!(h.store.count_offline(&juliet).await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn sessions_removed_with_their_node_get_unavailable_broadcast() {
+    let mut h = Harness::im().await;
+    mutual(&h).await;
+    let nurse = "nurse@example.org/hall";
+    for who in [J, nurse] {
+        h.login(who, "e1").await;
+        h.send(who, "<presence/>").await;
+        h.settle(who, 1).await;
+    }
+    h.login(R, "e2").await;
+    h.send(R, "<presence/>").await;
+    h.send(R, "<presence to='nurse@example.org/hall'/>").await;
+    h.settle(R, 2).await;
+    while h.e1.try_recv().is_ok() {}
+
+    // Edge e2 goes away (its lease expired, say): the registry removes its sessions in bulk
+    // and nobody sends SessionEnded.
+    let removed = h.registry.remove_node("e2").await.unwrap();
+    assert_eq!(removed.len(), 1);
+    let mut gone = Vec::new();
+    while gone.len() < 2 {
+        let s = seen(h.next(1).await);
+        assert_eq!(s.type_().as_deref(), Some("unavailable"), "{}", s.text());
+        assert_eq!(s.from().as_deref(), Some(R));
+        gone.push(s);
+    }
+    // To Juliet as a contact (stamped per recipient), to the nurse as directed presence.
+    let contact = gone.iter().find(|s| s.stamp_to).expect("the broadcast");
+    assert_eq!(contact.to, [J]);
+    let directed = gone.iter().find(|s| !s.stamp_to).expect("the directed one");
+    assert_eq!(directed.to, [nurse]);
+    // Once: nothing else follows on Romeo's worker.
+    h.bind("romeo@example.org/ping", "e1", None).await;
+    let (e1, _) = h.settle("romeo@example.org/ping", 1).await;
+    assert!(presences(&e1, Some("unavailable")).is_empty(), "{e1:?}");
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn a_removed_session_whose_resource_was_bound_again_leaves_the_new_one_alone() {
+    let mut h = Harness::im().await;
+    mutual(&h).await;
+    h.login(J, "e1").await;
+    h.send(J, "<presence/>").await;
+    h.settle(J, 1).await;
+    h.login(R, "e2").await;
+    h.send(R, "<presence/>").await;
+    h.settle(R, 2).await;
+    while h.e1.try_recv().is_ok() {}
+    // Removed and bound again (the client reconnected through e1) before the router hears
+    // of the removal: nothing yields in between on this single-threaded runtime.
+    h.registry.remove_node("e2").await.unwrap();
+    let again = SessionRecord::new(parse_full(R).unwrap(), Arc::from("e1"), Arc::from("s-new"));
+    h.registry.bind(again).await.unwrap();
+    // The new session has sent no presence yet: Juliet learns the old one is gone.
+    let s = seen(h.next(1).await);
+    assert_eq!(
+        (s.type_().as_deref(), s.from().as_deref()),
+        (Some("unavailable"), Some(R))
+    );
+    // The new session's presence then goes out as usual.
+    h.send(R, "<presence><status>back</status></presence>")
+        .await;
+    let (e1, _) = h.settle(R, 1).await;
+    let back = presences(&e1, None);
+    assert!(
+        back.iter()
+            .any(|s| s.to.contains(&J.to_owned()) && s.text().contains("back")),
+        "{e1:?}"
+    );
+}
+
+fn delay_stamp(s: &Seen) -> Option<String> {
+    let raw = s.text();
+    let at = raw.find("<delay xmlns='urn:xmpp:delay' from='example.org' stamp='")?;
+    let rest = &raw[at + 56..];
+    Some(rest[..rest.find('\'')?].to_owned())
+}
+
+#[tokio::test]
+async fn a_probe_of_a_contact_with_no_resource_gets_its_last_unavailable_with_a_delay() {
+    let mut h = Harness::im().await;
+    mutual(&h).await;
+    // A contact the user is subscribed to who never had a presence: no answer (§4.3.2).
+    h.store
+        .set_roster_item(
+            &BareUser::new(DOMAIN, "juliet"),
+            RosterItem {
+                jid: "nurse@example.org".to_owned(),
+                name: None,
+                subscription: "to".to_owned(),
+                ask: false,
+                groups: vec![],
+            },
+        )
+        .await
+        .unwrap();
+    // Romeo leaves with a status; his other resource was gone already.
+    let r2 = "romeo@example.org/car";
+    for who in [R, r2] {
+        h.login(who, "e2").await;
+        h.send(who, "<presence/>").await;
+        h.settle(who, 2).await;
+    }
+    h.send(
+        r2,
+        "<presence type='unavailable'><status>parking</status></presence>",
+    )
+    .await;
+    h.settle(r2, 2).await;
+    let romeo = BareUser::new(DOMAIN, "romeo");
+    assert_eq!(
+        h.store.last_unavailable(&romeo).await.unwrap(),
+        None,
+        "not the last resource"
+    );
+    h.send(
+        R,
+        "<presence type='unavailable'><status>gone fishing</status></presence>",
+    )
+    .await;
+    h.settle(R, 2).await;
+    assert!(h.store.last_unavailable(&romeo).await.unwrap().is_some());
+
+    // Juliet's initial presence probes both contacts.
+    h.login(J, "e1").await;
+    h.send(J, "<presence/>").await;
+    let (e1, _) = h.settle(J, 1).await;
+    let answers = presences(&e1, Some("unavailable"));
+    assert_eq!(answers.len(), 1, "{e1:?}");
+    let answer = answers[0];
+    assert_eq!(answer.from().as_deref(), Some(R));
+    assert_eq!(answer.to, [J]);
+    assert!(
+        answer.text().contains("<status>gone fishing</status>"),
+        "{}",
+        answer.text()
+    );
+    let stamp = delay_stamp(answer).unwrap_or_else(|| panic!("no delay: {}", answer.text()));
+    assert!(stamp.ends_with('Z') && stamp.len() == 24, "{stamp}");
+    assert!(
+        !e1.iter()
+            .any(|s| s.from().is_some_and(|f| f.starts_with("nurse@"))),
+        "{e1:?}"
+    );
+
+    // A session that ends leaves the unavailable the server wrote for it; a client's own
+    // probe is answered with that.
+    h.login(r2, "e2").await;
+    h.send(r2, "<presence/>").await;
+    h.settle(r2, 2).await;
+    h.logout(&parse_full(r2).unwrap()).await;
+    h.bind("romeo@example.org/ping", "e1", None).await;
+    h.settle("romeo@example.org/ping", 1).await;
+    h.send(J, "<presence type='probe' to='romeo@example.org'/>")
+        .await;
+    let (e1, _) = h.settle(J, 1).await;
+    let answers = presences(&e1, Some("unavailable"));
+    assert_eq!(answers.len(), 1, "{e1:?}");
+    assert_eq!(answers[0].from().as_deref(), Some(r2));
+    assert!(
+        !answers[0].text().contains("status"),
+        "{}",
+        answers[0].text()
+    );
+    assert!(delay_stamp(answers[0]).is_some());
 }

@@ -89,6 +89,9 @@ pub(crate) struct C2sConfig {
     pub(crate) sm_max_unacked_stanzas: u64,
     /// Stream management: most unacked outbound bytes; more closes the stream.
     pub(crate) sm_max_unacked_bytes: u64,
+    /// Client State Indication (XEP-0352): most senders whose presence is held for an
+    /// inactive client; one more flushes them all.
+    pub(crate) csi_max_held: u64,
 }
 
 /// `[tls]`: certificates. Empty `certificates` means a self-signed one is generated in
@@ -219,6 +222,7 @@ mod defaults {
                 sm_ack_every_secs: 30,
                 sm_max_unacked_stanzas: 1000,
                 sm_max_unacked_bytes: 1_048_576,
+                csi_max_held: 256,
             }
         }
     }

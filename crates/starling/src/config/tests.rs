@@ -238,7 +238,7 @@ fn unknown_keys_are_refused_by_name() {
          `idle_timeout_secs`, `keepalive_interval_secs`, `rate_bytes_per_sec`, \
          `rate_burst_bytes`, `outbound_queue_stanzas`, `sm_max_resume_secs`, \
          `sm_ack_every_stanzas`, `sm_ack_every_secs`, `sm_max_unacked_stanzas`, \
-         `sm_max_unacked_bytes`"
+         `sm_max_unacked_bytes`, `csi_max_held`"
     );
 }
 

@@ -119,6 +119,7 @@ pub(crate) fn validate(loaded: Loaded) -> Result<Checked, ConfigErrors> {
         ("c2s.sm_ack_every_secs", c2s.sm_ack_every_secs),
         ("c2s.sm_max_unacked_stanzas", c2s.sm_max_unacked_stanzas),
         ("c2s.sm_max_unacked_bytes", c2s.sm_max_unacked_bytes),
+        ("c2s.csi_max_held", c2s.csi_max_held),
         ("tls.reload_check_secs", config.tls.reload_check_secs),
         (
             "auth.scram_iterations",
