@@ -48,5 +48,6 @@ backend_errors!(
     redb::TransactionError,
     redb::TableError,
     redb::StorageError,
+    redb::SetDurabilityError,
     redb::CommitError,
 );

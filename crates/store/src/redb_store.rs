@@ -148,6 +148,26 @@ impl RedbStore {
         })
         .await
     }
+
+    /// Like [`RedbStore::write`], but the commit does not wait for the disk (redb's
+    /// `Durability::None`): it is visible to every later read at once and becomes durable with
+    /// the next durable commit or when the database is closed. For data whose loss in a crash
+    /// is harmless and which may be written in bursts (an edge going away ends thousands of
+    /// sessions at once), so that a burst does not cost one fsync per write.
+    async fn write_relaxed<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&WriteTransaction) -> Result<T, StoreError> + Send + 'static,
+    {
+        self.blocking(move |db| {
+            let mut txn = db.begin_write()?;
+            txn.set_durability(redb::Durability::None)?;
+            let out = f(&txn)?;
+            txn.commit()?;
+            Ok(out)
+        })
+        .await
+    }
 }
 
 /// `NotFound` unless the user has an account; checked inside the writing transaction so that
@@ -518,7 +538,9 @@ impl PresenceStore for RedbStore {
     ) -> Result<(), StoreError> {
         let record = presence.encode()?;
         let user = user.clone();
-        self.write(move |txn| {
+        // Written for every account that goes offline; losing the latest one in a crash only
+        // makes a probe answer older or absent (RFC 6121 §4.3.2 makes the answer optional).
+        self.write_relaxed(move |txn| {
             require_account(txn, &user)?;
             txn.open_table(LAST_PRESENCE)?
                 .insert(key(&user), record.as_slice())?;

@@ -449,6 +449,12 @@ async fn reopening_the_file_keeps_data() {
         s.vcard(&juliet).await.unwrap().as_deref(),
         Some(&b"<vCard/>"[..])
     );
+    // Written last by `fill`, without waiting for the disk: closing the database made it
+    // durable.
+    assert_eq!(
+        s.last_unavailable(&juliet).await.unwrap(),
+        Some(last(1, "gone"))
+    );
 }
 
 #[tokio::test]
