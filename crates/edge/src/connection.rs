@@ -3,10 +3,15 @@
 //! peers) and §13.12 (rate and size limits).
 //!
 //! One task per connection does everything in one `select!` loop: reading, writing queued
-//! stanzas, timers, shutdown. Nothing is buffered while the connection is idle: each read
-//! borrows a stack buffer for the duration of one poll and hands the bytes to the framer
-//! (which frees its own buffer when it holds no partial element); the output buffer is dropped
-//! after every flush; the outbound queue allocates only while it holds stanzas.
+//! stanzas, timers, shutdown. Nothing is buffered while the connection is idle:
+//! - a plain-text read borrows a stack buffer for the duration of one poll; a TLS read borrows
+//!   a buffer from the TLS pool and gives it back before the poll ends, unless a record is
+//!   still incomplete ([`crate::tls::TlsStream`], rustls's unbuffered API). Either way the
+//!   bytes go straight to the framer, which frees its own buffer when it holds no partial
+//!   element;
+//! - the output buffer is dropped after every flush, and TLS encrypts it record by record into
+//!   a pooled buffer that goes back once written;
+//! - the outbound queue allocates only while it holds stanzas.
 //!
 //! Timers (one sleep, set to the earliest deadline):
 //! - pre-authentication: `preauth_timeout` after accept, the stream is closed with
@@ -44,11 +49,9 @@ use starling_xml::Framer;
 use starling_xmpp::{
     FullJid, StanzaError, StanzaErrorCondition, StreamError, StreamErrorCondition,
 };
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span};
 
@@ -58,7 +61,7 @@ use crate::metrics;
 use crate::session::{Detach, Drained, SessionHandle, SessionTable, TakeOver};
 use crate::settings::Settings;
 use crate::sm::{Outbound, ResumptionState};
-use crate::tls::{Alpn, TlsManager};
+use crate::tls::{Alpn, TlsManager, TlsStream};
 
 /// Bytes read per poll, from a buffer that lives only on the stack of that poll.
 const READ_CHUNK: usize = 8192;
@@ -115,51 +118,61 @@ impl ListenerKind {
 /// only TLS connections pay for it).
 enum Io {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream>),
     /// Between taking the TCP stream for STARTTLS and getting it back wrapped.
     Gone,
 }
 
-impl AsyncRead for Io {
+impl Io {
+    /// Reads once, handing the (decrypted) bytes to `sink`; 0 at the end of the stream. Plain
+    /// TCP reads into a buffer that lives only on the stack of this poll; TLS borrows one from
+    /// the pool (see `tls::TlsStream`).
     fn poll_read(
-        self: Pin<&mut Self>,
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Io::Gone => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
-        }
-    }
-}
-
-impl AsyncWrite for Io {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
+        sink: &mut dyn FnMut(&[u8]),
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        match self {
+            Io::Plain(tcp) => {
+                let mut buf = [0u8; READ_CHUNK];
+                let mut read = ReadBuf::new(&mut buf);
+                ready!(Pin::new(tcp).poll_read(cx, &mut read))?;
+                sink(read.filled());
+                Poll::Ready(Ok(read.filled().len()))
+            }
+            Io::Tls(tls) => tls.poll_read(cx, sink),
             Io::Gone => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
         }
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_flush(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Io::Gone => Poll::Ready(Ok(())),
+    /// Writes all of `data` (encrypted on TLS).
+    async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Io::Plain(tcp) => tcp.write_all(data).await,
+            Io::Tls(tls) => tls.write_all(data).await,
+            Io::Gone => Err(io::ErrorKind::NotConnected.into()),
         }
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            Io::Gone => Poll::Ready(Ok(())),
+    /// Whether TLS has ciphertext of its own waiting (a session ticket, a key update).
+    fn has_pending_output(&self) -> bool {
+        matches!(self, Io::Tls(tls) if tls.has_pending_output())
+    }
+
+    /// Writes what TLS has waiting.
+    async fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Io::Tls(tls) => tls.flush().await,
+            Io::Plain(_) | Io::Gone => Ok(()),
+        }
+    }
+
+    /// TLS `close_notify`, then TCP FIN.
+    async fn shutdown(&mut self) -> io::Result<()> {
+        match self {
+            Io::Plain(tcp) => tcp.shutdown().await,
+            Io::Tls(tls) => tls.shutdown().await,
+            Io::Gone => Ok(()),
         }
     }
 }
@@ -245,14 +258,10 @@ async fn handshake(
     alpn: Alpn,
     deadline: Instant,
     kind: ListenerKind,
-) -> Option<(Box<TlsStream<TcpStream>>, ChannelBindingInfo)> {
-    let acceptor = TlsAcceptor::from(shared.tls.server_config(alpn));
-    let accept = Box::pin(acceptor.accept(tcp));
+) -> Option<(Box<TlsStream>, ChannelBindingInfo)> {
+    let accept = Box::pin(shared.tls.accept(tcp, alpn));
     match timeout_at(deadline, accept).await {
-        Ok(Ok(stream)) => {
-            let cb = shared.tls.channel_binding(stream.get_ref().1);
-            Some((Box::new(stream), cb))
-        }
+        Ok(Ok((stream, cb))) => Some((Box::new(stream), cb)),
         Ok(Err(error)) => {
             crate::tls::record_handshake_failure();
             tracing::info!(%error, listener = kind.label(), "TLS handshake failed");
@@ -329,7 +338,8 @@ impl Conn {
             if let Flow::Stop = self.process_frames().await {
                 break;
             }
-            if !self.out.is_empty() && self.flush().await.is_err() {
+            if (!self.out.is_empty() || self.io.has_pending_output()) && self.flush().await.is_err()
+            {
                 self.ended = Some(EndReason::ConnectionLost);
                 break;
             }
@@ -736,14 +746,14 @@ impl Conn {
 
     async fn flush(&mut self) -> io::Result<()> {
         let out = std::mem::take(&mut self.out);
-        if out.is_empty() {
+        if out.is_empty() && !self.io.has_pending_output() {
             return Ok(());
         }
         let deadline = Instant::now() + self.shared.settings.write_timeout;
         let io = &mut self.io;
         let written = timeout_at(deadline, async {
-            io.write_all(&out).await?;
-            io.flush().await
+            io.flush().await?;
+            io.write_all(&out).await
         })
         .await;
         match written {
@@ -1048,27 +1058,15 @@ async fn wait_outbox(handle: Option<&SessionHandle>) {
 
 /// Reads once and throws the bytes away.
 fn discard(io: &mut Io) -> impl Future<Output = io::Result<usize>> + '_ {
-    poll_fn(move |cx| {
-        let mut buf = [0u8; 4096];
-        let mut read = ReadBuf::new(&mut buf);
-        ready!(Pin::new(&mut *io).poll_read(cx, &mut read))?;
-        Poll::Ready(Ok(read.filled().len()))
-    })
+    poll_fn(move |cx| io.poll_read(cx, &mut |_| {}))
 }
 
-/// Reads once into a buffer that exists only during the poll, and feeds the framer.
+/// Reads once and feeds the framer; no buffer outlives the poll (see [`Io::poll_read`]).
 fn read_into<'a>(
     io: &'a mut Io,
     framer: &'a mut Framer,
 ) -> impl Future<Output = io::Result<usize>> + 'a {
-    poll_fn(move |cx| {
-        let mut buf = [0u8; READ_CHUNK];
-        let mut read = ReadBuf::new(&mut buf);
-        ready!(Pin::new(&mut *io).poll_read(cx, &mut read))?;
-        let filled = read.filled();
-        framer.feed(filled);
-        Poll::Ready(Ok(filled.len()))
-    })
+    poll_fn(move |cx| io.poll_read(cx, &mut |bytes| framer.feed(bytes)))
 }
 
 async fn lookup(
