@@ -177,15 +177,19 @@ impl Io {
     }
 }
 
-/// Serves one accepted connection until it closes or the edge shuts down.
-pub(crate) async fn run(
+/// The task of one accepted connection: serves it until it closes or the edge shuts down.
+///
+/// Everything the task keeps lives in one [`Conn`], built here before the future exists, so
+/// the future holds each piece of state once (an `async fn` would also keep its arguments)
+/// and awaits only `Conn`'s methods, whose own states are small or boxed.
+pub(crate) fn run(
     shared: Arc<Shared>,
     tcp: TcpStream,
     peer: SocketAddr,
     kind: ListenerKind,
     cancel: CancellationToken,
     guard: ConnectionGuard,
-) {
+) -> impl Future<Output = ()> + Send + 'static {
     let span = tracing::info_span!(
         "c2s",
         peer = %peer,
@@ -194,60 +198,12 @@ pub(crate) async fn run(
         jid = tracing::field::Empty,
     );
     metrics::connections(kind.label(), 1.0);
-    serve(shared, tcp, peer, kind, cancel)
-        .instrument(span)
-        .await;
-    metrics::connections(kind.label(), -1.0);
-    drop(guard);
-}
-
-async fn serve(
-    shared: Arc<Shared>,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    kind: ListenerKind,
-    cancel: CancellationToken,
-) {
-    let _ = tcp.set_nodelay(true);
-    let started = Instant::now();
-    let preauth_deadline = started + shared.settings.preauth_timeout;
-    let (io, direct_tls) = match kind {
-        ListenerKind::StartTls => (Io::Plain(tcp), None),
-        ListenerKind::DirectTls => {
-            let handshake = handshake(&shared, tcp, Alpn::XmppClient, preauth_deadline, kind);
-            let handshake = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return,
-                result = handshake => result,
-            };
-            match handshake {
-                Some((tls, cb)) => (Io::Tls(tls), Some(cb)),
-                None => return,
-            }
-        }
-    };
-    let machine = Machine::new(
-        shared.cfg.clone(),
-        crate::limits::canonical_ip(peer.ip()),
-        direct_tls,
-    );
-    let framer = machine.framer();
-    let burst = shared.settings.rate_burst_bytes;
-    let mut conn = Conn {
-        shared,
-        io,
-        framer,
-        machine,
-        out: Vec::new(),
-        handle: None,
-        bucket: TokenBucket::new(burst, started.into_std()),
-        last_read: started,
-        last_write: started,
-        preauth_deadline,
-        ended: None,
-        id: CONNECTION_IDS.fetch_add(1, Ordering::Relaxed),
-    };
-    conn.run(cancel).await;
+    let mut conn = Conn::new(shared, tcp, peer, kind, cancel, guard);
+    async move {
+        conn.serve().await;
+        metrics::connections(conn.kind.label(), -1.0);
+    }
+    .instrument(span)
 }
 
 /// Runs a TLS handshake (boxed: the handshake's state is large and short-lived) within the
@@ -330,10 +286,80 @@ struct Conn {
     ended: Option<EndReason>,
     /// This connection's id: the owner of the session it holds.
     id: u64,
+    /// The edge's shutdown.
+    cancel: CancellationToken,
+    /// This connection's place in the per-address count, released with the connection.
+    _guard: ConnectionGuard,
+    kind: ListenerKind,
 }
 
 impl Conn {
-    async fn run(&mut self, cancel: CancellationToken) {
+    fn new(
+        shared: Arc<Shared>,
+        tcp: TcpStream,
+        peer: SocketAddr,
+        kind: ListenerKind,
+        cancel: CancellationToken,
+        guard: ConnectionGuard,
+    ) -> Conn {
+        let _ = tcp.set_nodelay(true);
+        let started = Instant::now();
+        let machine = Machine::new(
+            shared.cfg.clone(),
+            crate::limits::canonical_ip(peer.ip()),
+            None,
+        );
+        let framer = machine.framer();
+        let burst = shared.settings.rate_burst_bytes;
+        Conn {
+            preauth_deadline: started + shared.settings.preauth_timeout,
+            shared,
+            io: Io::Plain(tcp),
+            framer,
+            machine,
+            out: Vec::new(),
+            handle: None,
+            bucket: TokenBucket::new(burst, started.into_std()),
+            last_read: started,
+            last_write: started,
+            ended: None,
+            id: CONNECTION_IDS.fetch_add(1, Ordering::Relaxed),
+            cancel,
+            _guard: guard,
+            kind,
+        }
+    }
+
+    /// Direct TLS (XEP-0368) starts with the handshake; then the stream.
+    async fn serve(&mut self) {
+        if self.kind == ListenerKind::DirectTls {
+            let Io::Plain(tcp) = std::mem::replace(&mut self.io, Io::Gone) else {
+                return;
+            };
+            let cancel = self.cancel.clone();
+            let handshake = handshake(
+                &self.shared,
+                tcp,
+                Alpn::XmppClient,
+                self.preauth_deadline,
+                self.kind,
+            );
+            let handshake = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return,
+                result = handshake => result,
+            };
+            let Some((tls, cb)) = handshake else {
+                return;
+            };
+            self.io = Io::Tls(tls);
+            self.machine.tls_established(cb);
+        }
+        self.run().await;
+    }
+
+    async fn run(&mut self) {
+        let cancel = self.cancel.clone();
         loop {
             if let Flow::Stop = self.process_frames().await {
                 break;
@@ -369,7 +395,7 @@ impl Conn {
                 break;
             }
         }
-        Box::pin(self.finish(cancel)).await;
+        Box::pin(self.finish()).await;
     }
 
     fn next_deadline(&self) -> Instant {
@@ -701,20 +727,26 @@ impl Conn {
 
     /// Writes what the router queued for this session, then closes if asked to.
     async fn drain_outbox(&mut self) -> Flow {
-        let Some(handle) = &self.handle else {
-            return Flow::Continue;
-        };
-        let handle = handle.clone();
+        // Written without awaiting, so no stanza is held across an await of this task.
+        match self.write_outbox() {
+            Some(action) => Box::pin(self.perform_rare(action)).await,
+            None => Flow::Continue,
+        }
+    }
+
+    /// Takes the outbox and writes its stanzas into the output buffer; returns the close to
+    /// carry out when the session must end.
+    fn write_outbox(&mut self) -> Option<Action> {
+        let handle = self.handle.clone()?;
         let drained = handle.take();
         if drained.handover {
             // XEP-0198 §5: the session was resumed on another connection.
             tracing::info!("session resumed elsewhere: closing this stream");
-            let action = self.machine.close_with(
+            return Some(self.machine.close_with(
                 StreamError::new(StreamErrorCondition::Conflict),
                 EndReason::Replaced,
                 &mut self.out,
-            );
-            return Box::pin(self.perform_rare(action)).await;
+            ));
         }
         let now = std::time::Instant::now();
         let mut queue = drained.queue.into_iter();
@@ -727,21 +759,19 @@ impl Conn {
             if let Action::Close(_) = action {
                 handle.requeue_front(queue);
                 metrics::stanzas_sent(sent);
-                return Box::pin(self.perform_rare(action)).await;
+                return Some(action);
             }
         }
         metrics::stanzas_sent(sent);
         // Not written (the stream is not open for them): back, for the router at the end.
         handle.requeue_front(queue);
-        if let Some(close) = drained.close {
-            let action = self.machine.close_with(
+        drained.close.map(|close| {
+            self.machine.close_with(
                 StreamError::new(close.condition),
                 close.reason,
                 &mut self.out,
-            );
-            return Box::pin(self.perform_rare(action)).await;
-        }
-        Flow::Continue
+            )
+        })
     }
 
     async fn flush(&mut self) -> io::Result<()> {
@@ -796,7 +826,7 @@ impl Conn {
     /// detached (XEP-0198 §5); a session resumed elsewhere is handed over; any other leaves
     /// the table and the registry, its unacknowledged and queued stanzas go back to the
     /// router, and the router hears why it ended.
-    async fn finish(&mut self, cancel: CancellationToken) {
+    async fn finish(&mut self) {
         let reason = self.ended.take().unwrap_or(EndReason::ConnectionLost);
         if let EndReason::StreamError(condition) = &reason {
             tracing::info!(
@@ -837,8 +867,15 @@ impl Conn {
                             ));
                         let span = Span::current();
                         tokio::spawn(
-                            wait_detached(shared, handle, jid, self.id, deadline, cancel)
-                                .instrument(span),
+                            wait_detached(
+                                shared,
+                                handle,
+                                jid,
+                                self.id,
+                                deadline,
+                                self.cancel.clone(),
+                            )
+                            .instrument(span),
                         );
                         return;
                     }

@@ -323,19 +323,38 @@ impl Framer {
     }
 
     /// Drops consumed bytes when no element is in progress, and the allocation with them
-    /// when nothing is left, so an idle stream holds no buffer.
+    /// when nothing is left, so an idle stream holds no buffer: neither bytes nor the scratch
+    /// lists of the element just framed.
     fn compact(&mut self) {
         if self.state.elem_start.is_none() && self.pos > 0 {
             self.buf.advance(self.pos);
             self.pos = 0;
         }
-        if self.buf.is_empty() && self.buf.capacity() > 0 {
-            self.buf = BytesMut::new();
+        if self.buf.is_empty() && self.state.elem_start.is_none() {
+            if self.buf.capacity() > 0 {
+                self.buf = BytesMut::new();
+            }
+            self.state.release_scratch();
         }
     }
 }
 
 impl State {
+    /// Frees the lists used while an element is parsed: the open elements and their
+    /// namespace declarations (empty between elements) and the attribute names of the last
+    /// tag (rebuilt for every tag).
+    fn release_scratch(&mut self) {
+        if self.open.is_empty() && self.open.capacity() > 0 {
+            self.open = Vec::new();
+        }
+        if self.decls.is_empty() && self.decls.capacity() > 0 {
+            self.decls = Vec::new();
+        }
+        if self.seen_attrs.capacity() > 0 {
+            self.seen_attrs = Vec::new();
+        }
+    }
+
     /// Runs the tokeniser over `buf[*pos..end]`, where `end` is just past a `>`, until a
     /// frame completes or the complete markup runs out.
     fn tokenise(&mut self, buf: &[u8], pos: &mut usize, end: usize) -> Result<Step, FrameError> {
@@ -850,6 +869,8 @@ impl State {
             uri: content_ns,
         });
         header.content_ns = content_ns_str;
+        // Kept for the whole stream: no spare capacity.
+        self.stream_decls.shrink_to_fit();
         self.stream_qname = Box::from(std::str::from_utf8(qname_bytes).unwrap_or(""));
         self.phase = Phase::Open;
         Ok(Step::Header(header))
@@ -1205,5 +1226,46 @@ impl Element {
             Some(Frame::Element(el)) if el.raw().len() == len => Ok(el),
             _ => Err(nwf("not exactly one complete element")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Everything the framer allocates and keeps, apart from the stream's own declarations.
+    fn held(framer: &Framer) -> usize {
+        framer.buf.capacity()
+            + framer.state.open.capacity()
+            + framer.state.decls.capacity()
+            + framer.state.seen_attrs.capacity()
+    }
+
+    #[test]
+    fn an_idle_stream_holds_no_buffer() {
+        let mut framer = Framer::new();
+        framer.feed(
+            b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' \
+              to='example.org' version='1.0'>",
+        );
+        assert!(matches!(
+            framer.next_frame(),
+            Ok(Some(Frame::StreamOpen(_)))
+        ));
+        assert_eq!(framer.next_frame(), Ok(None));
+        assert_eq!(held(&framer), 0);
+        assert_eq!(
+            framer.state.stream_decls.capacity(),
+            framer.state.stream_decls.len()
+        );
+
+        framer
+            .feed(b"<message to='a@example.org' xmlns:x='urn:x'><x:y a='1' b='2'><z/></x:y></mess");
+        assert_eq!(framer.next_frame(), Ok(None));
+        assert!(held(&framer) > 0, "a partial element is held");
+        framer.feed(b"age> ");
+        assert!(matches!(framer.next_frame(), Ok(Some(Frame::Element(_)))));
+        assert_eq!(framer.next_frame(), Ok(None));
+        assert_eq!(held(&framer), 0, "nothing is kept between elements");
     }
 }

@@ -488,12 +488,17 @@ impl TlsStream {
         Ok(true)
     }
 
-    /// Writes all held ciphertext.
+    /// Writes all held ciphertext. Poll-based, so the future that waits for the socket adds
+    /// nothing to the connection task's size.
     async fn send(&mut self) -> io::Result<()> {
+        std::future::poll_fn(|cx| self.poll_send(cx)).await
+    }
+
+    fn poll_send(&mut self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         while !self.try_send()? {
-            self.tcp.writable().await?;
+            ready!(self.tcp.poll_write_ready(cx))?;
         }
-        Ok(())
+        Poll::Ready(Ok(()))
     }
 
     /// Gives the incoming buffer back when it holds nothing.
