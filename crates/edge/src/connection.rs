@@ -198,7 +198,32 @@ pub(crate) fn run(
         jid = tracing::field::Empty,
     );
     metrics::connections(kind.label(), 1.0);
-    let mut conn = Conn::new(shared, tcp, peer, kind, cancel, guard);
+    let _ = tcp.set_nodelay(true);
+    let started = Instant::now();
+    let machine = Machine::new(
+        shared.cfg.clone(),
+        crate::limits::canonical_ip(peer.ip()),
+        None,
+    );
+    let framer = machine.framer();
+    let burst = shared.settings.rate_burst_bytes;
+    let mut conn = Conn {
+        preauth_deadline: started + shared.settings.preauth_timeout,
+        shared,
+        io: Io::Plain(tcp),
+        framer,
+        machine,
+        out: Vec::new(),
+        handle: None,
+        bucket: TokenBucket::new(burst, started.into_std()),
+        last_read: started,
+        last_write: started,
+        ended: None,
+        id: CONNECTION_IDS.fetch_add(1, Ordering::Relaxed),
+        cancel,
+        _guard: guard,
+        kind,
+    };
     async move {
         conn.serve().await;
         metrics::connections(conn.kind.label(), -1.0);
@@ -294,42 +319,6 @@ struct Conn {
 }
 
 impl Conn {
-    fn new(
-        shared: Arc<Shared>,
-        tcp: TcpStream,
-        peer: SocketAddr,
-        kind: ListenerKind,
-        cancel: CancellationToken,
-        guard: ConnectionGuard,
-    ) -> Conn {
-        let _ = tcp.set_nodelay(true);
-        let started = Instant::now();
-        let machine = Machine::new(
-            shared.cfg.clone(),
-            crate::limits::canonical_ip(peer.ip()),
-            None,
-        );
-        let framer = machine.framer();
-        let burst = shared.settings.rate_burst_bytes;
-        Conn {
-            preauth_deadline: started + shared.settings.preauth_timeout,
-            shared,
-            io: Io::Plain(tcp),
-            framer,
-            machine,
-            out: Vec::new(),
-            handle: None,
-            bucket: TokenBucket::new(burst, started.into_std()),
-            last_read: started,
-            last_write: started,
-            ended: None,
-            id: CONNECTION_IDS.fetch_add(1, Ordering::Relaxed),
-            cancel,
-            _guard: guard,
-            kind,
-        }
-    }
-
     /// Direct TLS (XEP-0368) starts with the handshake; then the stream.
     async fn serve(&mut self) {
         if self.kind == ListenerKind::DirectTls {

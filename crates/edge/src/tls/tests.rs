@@ -87,15 +87,62 @@ fn client_config(
     trusted: &[&str],
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> ClientConfig {
+    client_config_with(rustls::crypto::ring::default_provider(), trusted, versions)
+}
+
+fn client_config_with(
+    provider: rustls::crypto::CryptoProvider,
+    trusted: &[&str],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     for pem in trusted {
         roots.add(der_of(pem)).unwrap();
     }
-    ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    ClientConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth()
+}
+
+/// A manager serving `localhost` with a generated certificate, and that certificate (PEM).
+fn generated_localhost(dir: &TempDir) -> (Arc<TlsManager>, String) {
+    let manager = TlsManager::load(settings(dir.path(), &["localhost"], vec![])).unwrap();
+    let cert = std::fs::read_to_string(manager.generated_cert_path().unwrap()).unwrap();
+    (manager, cert)
+}
+
+/// A manager serving `chat.test` with a self-signed certificate of `alg`, and its PEM.
+fn chat_test(dir: &TempDir, alg: &'static rcgen::SignatureAlgorithm) -> (Arc<TlsManager>, Pem) {
+    let pem = self_signed(alg, &["chat.test"]);
+    let files = vec![write_pair(dir.path(), "chat", &pem)];
+    let manager = TlsManager::load(settings(dir.path(), &["chat.test"], files)).unwrap();
+    (manager, pem)
+}
+
+/// The `tls-exporter` value as the client computes it (RFC 9266).
+fn client_exporter(pair: &Pair) -> [u8; 32] {
+    pair.client
+        .get_ref()
+        .1
+        .export_keying_material([0u8; 32], b"EXPORTER-Channel-Binding", None)
+        .unwrap()
+}
+
+/// A STARTTLS handshake with a client that trusts `cert` and offers `versions`.
+async fn localhost_pair(
+    manager: &TlsManager,
+    cert: &str,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Pair {
+    handshake(
+        manager,
+        Alpn::None,
+        client_config(&[cert], versions),
+        "localhost",
+    )
+    .await
 }
 
 /// The server's stream and channel-binding data, and the client's stream.
@@ -308,8 +355,7 @@ async fn sni_selects_among_configured_certificates() {
 #[tokio::test]
 async fn direct_tls_negotiates_xmpp_client() {
     let dir = TempDir::new();
-    let manager = TlsManager::load(settings(dir.path(), &["localhost"], vec![])).unwrap();
-    let cert = std::fs::read_to_string(manager.generated_cert_path().unwrap()).unwrap();
+    let (manager, cert) = generated_localhost(&dir);
 
     let mut client = client_config(&[&cert], BOTH);
     client.alpn_protocols = vec![b"xmpp-client".to_vec()];
@@ -438,9 +484,7 @@ async fn watcher_reloads_changed_files() {
 #[tokio::test]
 async fn channel_binding_on_tls13() {
     let dir = TempDir::new();
-    let pem = self_signed(&rcgen::PKCS_ECDSA_P256_SHA256, &["chat.test"]);
-    let files = vec![write_pair(dir.path(), "chat", &pem)];
-    let manager = TlsManager::load(settings(dir.path(), &["chat.test"], files)).unwrap();
+    let (manager, pem) = chat_test(&dir, &rcgen::PKCS_ECDSA_P256_SHA256);
 
     let pair = handshake(
         &manager,
@@ -455,12 +499,7 @@ async fn channel_binding_on_tls13() {
     );
     let info = &pair.binding;
 
-    let client_export = pair
-        .client
-        .get_ref()
-        .1
-        .export_keying_material([0u8; 32], b"EXPORTER-Channel-Binding", None)
-        .unwrap();
+    let client_export = client_exporter(&pair);
     assert_eq!(
         info.data(ChannelBindingType::TlsExporter),
         Some(&client_export[..])
@@ -482,9 +521,7 @@ async fn channel_binding_on_tls13() {
 #[tokio::test]
 async fn channel_binding_on_tls12_has_no_exporter() {
     let dir = TempDir::new();
-    let pem = self_signed(&rcgen::PKCS_ECDSA_P384_SHA384, &["chat.test"]);
-    let files = vec![write_pair(dir.path(), "chat", &pem)];
-    let manager = TlsManager::load(settings(dir.path(), &["chat.test"], files)).unwrap();
+    let (manager, pem) = chat_test(&dir, &rcgen::PKCS_ECDSA_P384_SHA384);
 
     let pair = handshake(
         &manager,
@@ -510,9 +547,7 @@ async fn channel_binding_on_tls12_has_no_exporter() {
 #[tokio::test]
 async fn channel_binding_omits_end_point_for_ed25519() {
     let dir = TempDir::new();
-    let pem = self_signed(&rcgen::PKCS_ED25519, &["chat.test"]);
-    let files = vec![write_pair(dir.path(), "chat", &pem)];
-    let manager = TlsManager::load(settings(dir.path(), &["chat.test"], files)).unwrap();
+    let (manager, pem) = chat_test(&dir, &rcgen::PKCS_ED25519);
     let pair = handshake(
         &manager,
         Alpn::None,
@@ -564,26 +599,18 @@ fn tls11_client_hello_is_refused() {
 
 /// A client offering only `suite`.
 fn client_with_suite(trusted: &str, suite: rustls::SupportedCipherSuite) -> ClientConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(der_of(trusted)).unwrap();
     let provider = rustls::crypto::CryptoProvider {
         cipher_suites: vec![suite],
         ..rustls::crypto::ring::default_provider()
     };
-    ClientConfig::builder_with_provider(Arc::new(provider))
-        .with_protocol_versions(BOTH)
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth()
+    client_config_with(provider, &[trusted], BOTH)
 }
 
 #[tokio::test]
 async fn tls_exporter_matches_the_client_for_every_tls13_suite() {
     use rustls::crypto::ring::cipher_suite as suites;
     let dir = TempDir::new();
-    let pem = self_signed(&rcgen::PKCS_ECDSA_P256_SHA256, &["chat.test"]);
-    let files = vec![write_pair(dir.path(), "chat", &pem)];
-    let manager = TlsManager::load(settings(dir.path(), &["chat.test"], files)).unwrap();
+    let (manager, pem) = chat_test(&dir, &rcgen::PKCS_ECDSA_P256_SHA256);
     for suite in [
         suites::TLS13_AES_128_GCM_SHA256,
         suites::TLS13_AES_256_GCM_SHA384,
@@ -600,12 +627,7 @@ async fn tls_exporter_matches_the_client_for_every_tls13_suite() {
             pair.server.negotiated_cipher_suite().map(|s| s.suite()),
             Some(suite.suite())
         );
-        let client_export = pair
-            .client
-            .get_ref()
-            .1
-            .export_keying_material([0u8; 32], b"EXPORTER-Channel-Binding", None)
-            .unwrap();
+        let client_export = client_exporter(&pair);
         assert_eq!(
             pair.binding.data(ChannelBindingType::TlsExporter),
             Some(&client_export[..]),
@@ -618,9 +640,7 @@ async fn tls_exporter_matches_the_client_for_every_tls13_suite() {
 #[tokio::test]
 async fn resumed_handshake_keeps_channel_binding() {
     let dir = TempDir::new();
-    let pem = self_signed(&rcgen::PKCS_ECDSA_P256_SHA256, &["chat.test"]);
-    let files = vec![write_pair(dir.path(), "chat", &pem)];
-    let manager = TlsManager::load(settings(dir.path(), &["chat.test"], files)).unwrap();
+    let (manager, pem) = chat_test(&dir, &rcgen::PKCS_ECDSA_P256_SHA256);
     let leaf_hash = sha2::Sha256::digest(der_of(&pem.cert).as_ref());
     for versions in [BOTH, TLS12_ONLY] {
         // One client configuration keeps its session cache across the two connections.
@@ -640,12 +660,7 @@ async fn resumed_handshake_keeps_channel_binding() {
             Some(&leaf_hash[..])
         );
         if versions == BOTH {
-            let client_export = second
-                .client
-                .get_ref()
-                .1
-                .export_keying_material([0u8; 32], b"EXPORTER-Channel-Binding", None)
-                .unwrap();
+            let client_export = client_exporter(&second);
             assert_eq!(
                 second.binding.data(ChannelBindingType::TlsExporter),
                 Some(&client_export[..])
@@ -658,16 +673,9 @@ async fn resumed_handshake_keeps_channel_binding() {
 #[tokio::test]
 async fn large_writes_and_reads_cross_many_records() {
     let dir = TempDir::new();
-    let manager = TlsManager::load(settings(dir.path(), &["localhost"], vec![])).unwrap();
-    let cert = std::fs::read_to_string(manager.generated_cert_path().unwrap()).unwrap();
+    let (manager, cert) = generated_localhost(&dir);
     for versions in [BOTH, TLS12_ONLY] {
-        let mut pair = handshake(
-            &manager,
-            Alpn::None,
-            client_config(&[&cert], versions),
-            "localhost",
-        )
-        .await;
+        let mut pair = localhost_pair(&manager, &cert, versions).await;
         let big: Vec<u8> = (0..300_000u32).map(|i| b'a' + (i % 26) as u8).collect();
         exchange(&mut pair, &big).await;
     }
@@ -676,8 +684,7 @@ async fn large_writes_and_reads_cross_many_records() {
 #[tokio::test]
 async fn records_cut_into_single_bytes_are_joined() {
     let dir = TempDir::new();
-    let manager = TlsManager::load(settings(dir.path(), &["localhost"], vec![])).unwrap();
-    let cert = std::fs::read_to_string(manager.generated_cert_path().unwrap()).unwrap();
+    let (manager, cert) = generated_localhost(&dir);
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let config = Arc::new(client_config(&[&cert], BOTH));
@@ -731,15 +738,8 @@ async fn records_cut_into_single_bytes_are_joined() {
 #[tokio::test]
 async fn key_update_from_the_client_is_answered() {
     let dir = TempDir::new();
-    let manager = TlsManager::load(settings(dir.path(), &["localhost"], vec![])).unwrap();
-    let cert = std::fs::read_to_string(manager.generated_cert_path().unwrap()).unwrap();
-    let mut pair = handshake(
-        &manager,
-        Alpn::None,
-        client_config(&[&cert], BOTH),
-        "localhost",
-    )
-    .await;
+    let (manager, cert) = generated_localhost(&dir);
+    let mut pair = localhost_pair(&manager, &cert, BOTH).await;
     exchange(&mut pair, b"before").await;
     for _ in 0..3 {
         pair.client.get_mut().1.refresh_traffic_keys().unwrap();
@@ -750,17 +750,10 @@ async fn key_update_from_the_client_is_answered() {
 #[tokio::test]
 async fn close_notify_both_ways() {
     let dir = TempDir::new();
-    let manager = TlsManager::load(settings(dir.path(), &["localhost"], vec![])).unwrap();
-    let cert = std::fs::read_to_string(manager.generated_cert_path().unwrap()).unwrap();
+    let (manager, cert) = generated_localhost(&dir);
 
     // The server closes: the client sees a clean end (close_notify, not a truncation).
-    let mut pair = handshake(
-        &manager,
-        Alpn::None,
-        client_config(&[&cert], BOTH),
-        "localhost",
-    )
-    .await;
+    let mut pair = localhost_pair(&manager, &cert, BOTH).await;
     pair.server.write_all(b"bye").await.unwrap();
     pair.server.shutdown().await.unwrap();
     let mut rest = Vec::new();
@@ -768,13 +761,7 @@ async fn close_notify_both_ways() {
     assert_eq!(rest, b"bye");
 
     // The client closes: the server reads the data, then the end.
-    let mut pair = handshake(
-        &manager,
-        Alpn::None,
-        client_config(&[&cert], BOTH),
-        "localhost",
-    )
-    .await;
+    let mut pair = localhost_pair(&manager, &cert, BOTH).await;
     pair.client.write_all(b"last words").await.unwrap();
     pair.client.shutdown().await.unwrap();
     assert_eq!(server_read(&mut pair.server, 10).await, b"last words");
