@@ -3,10 +3,15 @@
 //! peers) and §13.12 (rate and size limits).
 //!
 //! One task per connection does everything in one `select!` loop: reading, writing queued
-//! stanzas, timers, shutdown. Nothing is buffered while the connection is idle: each read
-//! borrows a stack buffer for the duration of one poll and hands the bytes to the framer
-//! (which frees its own buffer when it holds no partial element); the output buffer is dropped
-//! after every flush; the outbound queue allocates only while it holds stanzas.
+//! stanzas, timers, shutdown. Nothing is buffered while the connection is idle:
+//! - a plain-text read borrows a stack buffer for the duration of one poll; a TLS read borrows
+//!   a buffer from the TLS pool and gives it back before the poll ends, unless a record is
+//!   still incomplete ([`crate::tls::TlsStream`], rustls's unbuffered API). Either way the
+//!   bytes go straight to the framer, which frees its own buffer when it holds no partial
+//!   element;
+//! - the output buffer is dropped after every flush, and TLS encrypts it record by record into
+//!   a pooled buffer that goes back once written;
+//! - the outbound queue allocates only while it holds stanzas.
 //!
 //! Timers (one sleep, set to the earliest deadline):
 //! - pre-authentication: `preauth_timeout` after accept, the stream is closed with
@@ -44,11 +49,9 @@ use starling_xml::Framer;
 use starling_xmpp::{
     FullJid, StanzaError, StanzaErrorCondition, StreamError, StreamErrorCondition,
 };
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWriteExt, ReadBuf};
 use tokio::net::TcpStream;
 use tokio::time::{Instant, timeout_at};
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 use tokio_util::sync::CancellationToken;
 use tracing::{Instrument, Span};
 
@@ -58,7 +61,7 @@ use crate::metrics;
 use crate::session::{Detach, Drained, SessionHandle, SessionTable, TakeOver};
 use crate::settings::Settings;
 use crate::sm::{Outbound, ResumptionState};
-use crate::tls::{Alpn, TlsManager};
+use crate::tls::{Alpn, TlsManager, TlsStream};
 
 /// Bytes read per poll, from a buffer that lives only on the stack of that poll.
 const READ_CHUNK: usize = 8192;
@@ -115,64 +118,78 @@ impl ListenerKind {
 /// only TLS connections pay for it).
 enum Io {
     Plain(TcpStream),
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream>),
     /// Between taking the TCP stream for STARTTLS and getting it back wrapped.
     Gone,
 }
 
-impl AsyncRead for Io {
+impl Io {
+    /// Reads once, handing the (decrypted) bytes to `sink`; 0 at the end of the stream. Plain
+    /// TCP reads into a buffer that lives only on the stack of this poll; TLS borrows one from
+    /// the pool (see `tls::TlsStream`).
     fn poll_read(
-        self: Pin<&mut Self>,
+        &mut self,
         cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
-            Io::Gone => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
-        }
-    }
-}
-
-impl AsyncWrite for Io {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &[u8],
+        sink: &mut dyn FnMut(&[u8]),
     ) -> Poll<io::Result<usize>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_write(cx, buf),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+        match self {
+            Io::Plain(tcp) => {
+                let mut buf = [0u8; READ_CHUNK];
+                let mut read = ReadBuf::new(&mut buf);
+                ready!(Pin::new(tcp).poll_read(cx, &mut read))?;
+                sink(read.filled());
+                Poll::Ready(Ok(read.filled().len()))
+            }
+            Io::Tls(tls) => tls.poll_read(cx, sink),
             Io::Gone => Poll::Ready(Err(io::ErrorKind::NotConnected.into())),
         }
     }
 
-    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_flush(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_flush(cx),
-            Io::Gone => Poll::Ready(Ok(())),
+    /// Writes all of `data` (encrypted on TLS).
+    async fn write_all(&mut self, data: &[u8]) -> io::Result<()> {
+        match self {
+            Io::Plain(tcp) => tcp.write_all(data).await,
+            Io::Tls(tls) => tls.write_all(data).await,
+            Io::Gone => Err(io::ErrorKind::NotConnected.into()),
         }
     }
 
-    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match self.get_mut() {
-            Io::Plain(s) => Pin::new(s).poll_shutdown(cx),
-            Io::Tls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
-            Io::Gone => Poll::Ready(Ok(())),
+    /// Whether TLS has ciphertext of its own waiting (a session ticket, a key update).
+    fn has_pending_output(&self) -> bool {
+        matches!(self, Io::Tls(tls) if tls.has_pending_output())
+    }
+
+    /// Writes what TLS has waiting.
+    async fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Io::Tls(tls) => tls.flush().await,
+            Io::Plain(_) | Io::Gone => Ok(()),
+        }
+    }
+
+    /// TLS `close_notify`, then TCP FIN.
+    async fn shutdown(&mut self) -> io::Result<()> {
+        match self {
+            Io::Plain(tcp) => tcp.shutdown().await,
+            Io::Tls(tls) => tls.shutdown().await,
+            Io::Gone => Ok(()),
         }
     }
 }
 
-/// Serves one accepted connection until it closes or the edge shuts down.
-pub(crate) async fn run(
+/// The task of one accepted connection: serves it until it closes or the edge shuts down.
+///
+/// Everything the task keeps lives in one [`Conn`], built here before the future exists, so
+/// the future holds each piece of state once (an `async fn` would also keep its arguments)
+/// and awaits only `Conn`'s methods, whose own states are small or boxed.
+pub(crate) fn run(
     shared: Arc<Shared>,
     tcp: TcpStream,
     peer: SocketAddr,
     kind: ListenerKind,
     cancel: CancellationToken,
     guard: ConnectionGuard,
-) {
+) -> impl Future<Output = ()> + Send + 'static {
     let span = tracing::info_span!(
         "c2s",
         peer = %peer,
@@ -181,48 +198,19 @@ pub(crate) async fn run(
         jid = tracing::field::Empty,
     );
     metrics::connections(kind.label(), 1.0);
-    serve(shared, tcp, peer, kind, cancel)
-        .instrument(span)
-        .await;
-    metrics::connections(kind.label(), -1.0);
-    drop(guard);
-}
-
-async fn serve(
-    shared: Arc<Shared>,
-    tcp: TcpStream,
-    peer: SocketAddr,
-    kind: ListenerKind,
-    cancel: CancellationToken,
-) {
     let _ = tcp.set_nodelay(true);
     let started = Instant::now();
-    let preauth_deadline = started + shared.settings.preauth_timeout;
-    let (io, direct_tls) = match kind {
-        ListenerKind::StartTls => (Io::Plain(tcp), None),
-        ListenerKind::DirectTls => {
-            let handshake = handshake(&shared, tcp, Alpn::XmppClient, preauth_deadline, kind);
-            let handshake = tokio::select! {
-                biased;
-                _ = cancel.cancelled() => return,
-                result = handshake => result,
-            };
-            match handshake {
-                Some((tls, cb)) => (Io::Tls(tls), Some(cb)),
-                None => return,
-            }
-        }
-    };
     let machine = Machine::new(
         shared.cfg.clone(),
         crate::limits::canonical_ip(peer.ip()),
-        direct_tls,
+        None,
     );
     let framer = machine.framer();
     let burst = shared.settings.rate_burst_bytes;
     let mut conn = Conn {
+        preauth_deadline: started + shared.settings.preauth_timeout,
         shared,
-        io,
+        io: Io::Plain(tcp),
         framer,
         machine,
         out: Vec::new(),
@@ -230,11 +218,17 @@ async fn serve(
         bucket: TokenBucket::new(burst, started.into_std()),
         last_read: started,
         last_write: started,
-        preauth_deadline,
         ended: None,
         id: CONNECTION_IDS.fetch_add(1, Ordering::Relaxed),
+        cancel,
+        _guard: guard,
+        kind,
     };
-    conn.run(cancel).await;
+    async move {
+        conn.serve().await;
+        metrics::connections(conn.kind.label(), -1.0);
+    }
+    .instrument(span)
 }
 
 /// Runs a TLS handshake (boxed: the handshake's state is large and short-lived) within the
@@ -245,14 +239,10 @@ async fn handshake(
     alpn: Alpn,
     deadline: Instant,
     kind: ListenerKind,
-) -> Option<(Box<TlsStream<TcpStream>>, ChannelBindingInfo)> {
-    let acceptor = TlsAcceptor::from(shared.tls.server_config(alpn));
-    let accept = Box::pin(acceptor.accept(tcp));
+) -> Option<(Box<TlsStream>, ChannelBindingInfo)> {
+    let accept = Box::pin(shared.tls.accept(tcp, alpn));
     match timeout_at(deadline, accept).await {
-        Ok(Ok(stream)) => {
-            let cb = shared.tls.channel_binding(stream.get_ref().1);
-            Some((Box::new(stream), cb))
-        }
+        Ok(Ok((stream, cb))) => Some((Box::new(stream), cb)),
         Ok(Err(error)) => {
             crate::tls::record_handshake_failure();
             tracing::info!(%error, listener = kind.label(), "TLS handshake failed");
@@ -321,15 +311,50 @@ struct Conn {
     ended: Option<EndReason>,
     /// This connection's id: the owner of the session it holds.
     id: u64,
+    /// The edge's shutdown.
+    cancel: CancellationToken,
+    /// This connection's place in the per-address count, released with the connection.
+    _guard: ConnectionGuard,
+    kind: ListenerKind,
 }
 
 impl Conn {
-    async fn run(&mut self, cancel: CancellationToken) {
+    /// Direct TLS (XEP-0368) starts with the handshake; then the stream.
+    async fn serve(&mut self) {
+        if self.kind == ListenerKind::DirectTls {
+            let Io::Plain(tcp) = std::mem::replace(&mut self.io, Io::Gone) else {
+                return;
+            };
+            let cancel = self.cancel.clone();
+            let handshake = handshake(
+                &self.shared,
+                tcp,
+                Alpn::XmppClient,
+                self.preauth_deadline,
+                self.kind,
+            );
+            let handshake = tokio::select! {
+                biased;
+                _ = cancel.cancelled() => return,
+                result = handshake => result,
+            };
+            let Some((tls, cb)) = handshake else {
+                return;
+            };
+            self.io = Io::Tls(tls);
+            self.machine.tls_established(cb);
+        }
+        self.run().await;
+    }
+
+    async fn run(&mut self) {
+        let cancel = self.cancel.clone();
         loop {
             if let Flow::Stop = self.process_frames().await {
                 break;
             }
-            if !self.out.is_empty() && self.flush().await.is_err() {
+            if (!self.out.is_empty() || self.io.has_pending_output()) && self.flush().await.is_err()
+            {
                 self.ended = Some(EndReason::ConnectionLost);
                 break;
             }
@@ -359,7 +384,7 @@ impl Conn {
                 break;
             }
         }
-        Box::pin(self.finish(cancel)).await;
+        Box::pin(self.finish()).await;
     }
 
     fn next_deadline(&self) -> Instant {
@@ -691,20 +716,26 @@ impl Conn {
 
     /// Writes what the router queued for this session, then closes if asked to.
     async fn drain_outbox(&mut self) -> Flow {
-        let Some(handle) = &self.handle else {
-            return Flow::Continue;
-        };
-        let handle = handle.clone();
+        // Written without awaiting, so no stanza is held across an await of this task.
+        match self.write_outbox() {
+            Some(action) => Box::pin(self.perform_rare(action)).await,
+            None => Flow::Continue,
+        }
+    }
+
+    /// Takes the outbox and writes its stanzas into the output buffer; returns the close to
+    /// carry out when the session must end.
+    fn write_outbox(&mut self) -> Option<Action> {
+        let handle = self.handle.clone()?;
         let drained = handle.take();
         if drained.handover {
             // XEP-0198 §5: the session was resumed on another connection.
             tracing::info!("session resumed elsewhere: closing this stream");
-            let action = self.machine.close_with(
+            return Some(self.machine.close_with(
                 StreamError::new(StreamErrorCondition::Conflict),
                 EndReason::Replaced,
                 &mut self.out,
-            );
-            return Box::pin(self.perform_rare(action)).await;
+            ));
         }
         let now = std::time::Instant::now();
         let mut queue = drained.queue.into_iter();
@@ -717,33 +748,31 @@ impl Conn {
             if let Action::Close(_) = action {
                 handle.requeue_front(queue);
                 metrics::stanzas_sent(sent);
-                return Box::pin(self.perform_rare(action)).await;
+                return Some(action);
             }
         }
         metrics::stanzas_sent(sent);
         // Not written (the stream is not open for them): back, for the router at the end.
         handle.requeue_front(queue);
-        if let Some(close) = drained.close {
-            let action = self.machine.close_with(
+        drained.close.map(|close| {
+            self.machine.close_with(
                 StreamError::new(close.condition),
                 close.reason,
                 &mut self.out,
-            );
-            return Box::pin(self.perform_rare(action)).await;
-        }
-        Flow::Continue
+            )
+        })
     }
 
     async fn flush(&mut self) -> io::Result<()> {
         let out = std::mem::take(&mut self.out);
-        if out.is_empty() {
+        if out.is_empty() && !self.io.has_pending_output() {
             return Ok(());
         }
         let deadline = Instant::now() + self.shared.settings.write_timeout;
         let io = &mut self.io;
         let written = timeout_at(deadline, async {
-            io.write_all(&out).await?;
-            io.flush().await
+            io.flush().await?;
+            io.write_all(&out).await
         })
         .await;
         match written {
@@ -786,7 +815,7 @@ impl Conn {
     /// detached (XEP-0198 §5); a session resumed elsewhere is handed over; any other leaves
     /// the table and the registry, its unacknowledged and queued stanzas go back to the
     /// router, and the router hears why it ended.
-    async fn finish(&mut self, cancel: CancellationToken) {
+    async fn finish(&mut self) {
         let reason = self.ended.take().unwrap_or(EndReason::ConnectionLost);
         if let EndReason::StreamError(condition) = &reason {
             tracing::info!(
@@ -827,8 +856,15 @@ impl Conn {
                             ));
                         let span = Span::current();
                         tokio::spawn(
-                            wait_detached(shared, handle, jid, self.id, deadline, cancel)
-                                .instrument(span),
+                            wait_detached(
+                                shared,
+                                handle,
+                                jid,
+                                self.id,
+                                deadline,
+                                self.cancel.clone(),
+                            )
+                            .instrument(span),
                         );
                         return;
                     }
@@ -868,7 +904,13 @@ impl Conn {
                     tracing::debug!("session handed over");
                 }
                 Some(state) => {
-                    let (sm, _) = crate::sm::Sm::from_resumption(state, std::time::Instant::now());
+                    // The resuming connection is gone: the session stays here, with the
+                    // presences CSI still held, so `finish` hands them on with the rest.
+                    let (mut sm, pending) =
+                        crate::sm::Sm::from_resumption(state, std::time::Instant::now());
+                    if !pending.is_empty() {
+                        sm.held = Some(Box::new(pending));
+                    }
                     self.machine.restore_sm(sm);
                 }
             },
@@ -1048,27 +1090,15 @@ async fn wait_outbox(handle: Option<&SessionHandle>) {
 
 /// Reads once and throws the bytes away.
 fn discard(io: &mut Io) -> impl Future<Output = io::Result<usize>> + '_ {
-    poll_fn(move |cx| {
-        let mut buf = [0u8; 4096];
-        let mut read = ReadBuf::new(&mut buf);
-        ready!(Pin::new(&mut *io).poll_read(cx, &mut read))?;
-        Poll::Ready(Ok(read.filled().len()))
-    })
+    poll_fn(move |cx| io.poll_read(cx, &mut |_| {}))
 }
 
-/// Reads once into a buffer that exists only during the poll, and feeds the framer.
+/// Reads once and feeds the framer; no buffer outlives the poll (see [`Io::poll_read`]).
 fn read_into<'a>(
     io: &'a mut Io,
     framer: &'a mut Framer,
 ) -> impl Future<Output = io::Result<usize>> + 'a {
-    poll_fn(move |cx| {
-        let mut buf = [0u8; READ_CHUNK];
-        let mut read = ReadBuf::new(&mut buf);
-        ready!(Pin::new(&mut *io).poll_read(cx, &mut read))?;
-        let filled = read.filled();
-        framer.feed(filled);
-        Poll::Ready(Ok(filled.len()))
-    })
+    poll_fn(move |cx| io.poll_read(cx, &mut |bytes| framer.feed(bytes)))
 }
 
 async fn lookup(

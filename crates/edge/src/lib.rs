@@ -10,8 +10,9 @@
 //! or reach into router state. Stanzas from bound sessions go out through
 //! `Arc<dyn RouterLink>` as [`starling_cluster::ToRouter`] messages; deliveries come in
 //! through the [`starling_cluster::EdgeLink`] the edge implements ([`Edge::link`]). It never
-//! holds a buffer for an idle connection, and never drops a stanza silently: what it cannot
-//! deliver goes back to the router as `Undeliverable`.
+//! holds a buffer for an idle connection (TLS runs on rustls's unbuffered API and borrows
+//! record buffers from a bounded pool only while bytes flow), and never drops a stanza
+//! silently: what it cannot deliver goes back to the router as `Undeliverable`.
 //!
 //! Where it sits on the stanza path: first and last. Client bytes → framer → negotiation
 //! machine → `from` stamped → router; router → session table → outbound queue → `to`
@@ -28,7 +29,7 @@
 //! queue, [`ResumptionState`]), `csi` (XEP-0352: presence held while the client is
 //! inactive), `limits` (RFC 6120 §13.12), `server`
 //! (listeners, accept loop, graceful shutdown), [`tls`] (certificates, SNI, ALPN, reload,
-//! channel binding; XEP-0368, RFC 9266, RFC 5929).
+//! the TLS stream and its buffer pool, channel binding; XEP-0368, RFC 9266, RFC 5929).
 
 #![forbid(unsafe_code)]
 

@@ -51,8 +51,9 @@ struct Outbox {
     close: Option<CloseRequest>,
     /// The connection holding the session.
     owner: u64,
-    /// Set while no connection holds a resumable session.
-    detached: Option<Detached>,
+    /// Set while no connection holds a resumable session (boxed: rare, and every bound
+    /// session's handle would pay for it inline).
+    detached: Option<Box<Detached>>,
     /// A resuming connection waits for the live one to hand the session over.
     handover: Option<oneshot::Sender<ResumptionState>>,
 }
@@ -200,7 +201,7 @@ impl SessionHandle {
             return Detach::End(state);
         }
         let weight = state.weight();
-        outbox.detached = Some(Detached { state, weight });
+        outbox.detached = Some(Box::new(Detached { state, weight }));
         Detach::Detached
     }
 

@@ -49,7 +49,10 @@ impl SessionRegistry for LocalRegistry {
     async fn bind(&self, record: SessionRecord) -> Result<BindOutcome, RegistryError> {
         let bare = record.jid.to_bare();
         let mut accounts = self.accounts.write();
-        let sessions = accounts.entry(bare).or_default();
+        // Most accounts bind one resource: no room for four records until a second comes.
+        let sessions = accounts
+            .entry(bare)
+            .or_insert_with(|| Vec::with_capacity(1));
         if let Some(existing) = sessions.iter_mut().find(|s| s.jid == record.jid) {
             let old = std::mem::replace(existing, record);
             return Ok(BindOutcome::Replaced(old));

@@ -122,13 +122,28 @@ struct State {
     stream_qname: Box<str>,
     /// Start of the current top-level element (or header) in the buffer.
     elem_start: Option<usize>,
+    /// What parsing an element needs; allocated when a tag is parsed and freed when the
+    /// stream is idle again, so an idle stream holds none of it.
+    scratch: Option<Box<Scratch>>,
+    /// The current element used a prefix declared on the stream header.
+    stream_prefixes: bool,
+}
+
+/// The working state of the element in progress.
+#[derive(Debug, Default)]
+struct Scratch {
     open: Vec<Open>,
     decls: Vec<Decl>,
     envelope: Option<Envelope>,
     /// Attribute names of the tag being parsed, to find duplicates without allocating.
     seen_attrs: Vec<Span>,
-    /// The current element used a prefix declared on the stream header.
-    stream_prefixes: bool,
+}
+
+impl Scratch {
+    /// The scratch in `slot`, allocated on first use.
+    fn of(slot: &mut Option<Box<Scratch>>) -> &mut Scratch {
+        slot.get_or_insert_with(Box::default)
+    }
 }
 
 /// What one markup event did to the stream.
@@ -191,10 +206,7 @@ impl Framer {
                 stream_decls: Vec::new(),
                 stream_qname: Box::from(""),
                 elem_start: None,
-                open: Vec::new(),
-                decls: Vec::new(),
-                envelope: None,
-                seen_attrs: Vec::new(),
+                scratch: None,
                 stream_prefixes: false,
             },
             failed: None,
@@ -308,8 +320,9 @@ impl Framer {
             Step::Element(start, end) => {
                 let env = self
                     .state
-                    .envelope
-                    .take()
+                    .scratch
+                    .as_mut()
+                    .and_then(|scratch| scratch.envelope.take())
                     .ok_or(nwf("element without envelope"))?;
                 self.buf.advance(start);
                 let raw: Bytes = self.buf.split_to(end - start).freeze();
@@ -323,19 +336,40 @@ impl Framer {
     }
 
     /// Drops consumed bytes when no element is in progress, and the allocation with them
-    /// when nothing is left, so an idle stream holds no buffer.
+    /// when nothing is left, so an idle stream holds no buffer: neither bytes nor the scratch
+    /// lists of the element just framed.
     fn compact(&mut self) {
         if self.state.elem_start.is_none() && self.pos > 0 {
             self.buf.advance(self.pos);
             self.pos = 0;
         }
-        if self.buf.is_empty() && self.buf.capacity() > 0 {
-            self.buf = BytesMut::new();
+        if self.buf.is_empty() && self.state.elem_start.is_none() {
+            if self.buf.capacity() > 0 {
+                self.buf = BytesMut::new();
+            }
+            self.state.release_scratch();
         }
     }
 }
 
 impl State {
+    /// Frees the working state of elements between them: no element is open, its
+    /// declarations are gone, and the attribute names are rebuilt for every tag.
+    fn release_scratch(&mut self) {
+        if self
+            .scratch
+            .as_ref()
+            .is_some_and(|s| s.open.is_empty() && s.decls.is_empty() && s.envelope.is_none())
+        {
+            self.scratch = None;
+        }
+    }
+
+    /// The working state of the element in progress, allocated on first use.
+    fn scratch(&mut self) -> &mut Scratch {
+        Scratch::of(&mut self.scratch)
+    }
+
     /// Runs the tokeniser over `buf[*pos..end]`, where `end` is just past a `>`, until a
     /// frame completes or the complete markup runs out.
     fn tokenise(&mut self, buf: &[u8], pos: &mut usize, end: usize) -> Result<Step, FrameError> {
@@ -457,7 +491,7 @@ impl State {
         start: usize,
         end: usize,
     ) -> Result<Step, FrameError> {
-        let in_element = !self.open.is_empty();
+        let in_element = self.scratch.as_ref().is_some_and(|s| !s.open.is_empty());
         match event {
             Event::Start(_) | Event::Empty(_) => {
                 let empty = matches!(event, Event::Empty(_));
@@ -567,16 +601,16 @@ impl State {
             self.prolog_seen_markup = true;
             return self.stream_header(buf, qname, local_start, content_end, end, empty);
         }
-        let top_level = self.open.is_empty();
+        let top_level = self.scratch().open.is_empty();
         if top_level {
             self.elem_start = Some(start);
             self.stream_prefixes = false;
         }
-        if self.open.len() + 1 > self.limits.max_depth {
+        if self.scratch().open.len() + 1 > self.limits.max_depth {
             return Err(policy("element nested deeper than the depth limit"));
         }
 
-        let decls_before = self.decls.len();
+        let decls_before = self.scratch().decls.len();
         let mut envelope = top_level.then_some(Envelope {
             qname,
             local_start: local_start as u32,
@@ -592,19 +626,20 @@ impl State {
             stream_prefixes: false,
         });
 
-        self.seen_attrs.clear();
+        let scratch = Scratch::of(&mut self.scratch);
+        scratch.seen_attrs.clear();
         let mut ns_decls = 0usize;
         let mut prefixed_attrs = false;
         for attr in AttrIter::new(content, name_end) {
             let attr = attr?;
-            if self.seen_attrs.len() >= self.limits.max_attributes {
+            if scratch.seen_attrs.len() >= self.limits.max_attributes {
                 return Err(policy("more attributes than the limit"));
             }
             let name = &buf[attr.name.range()];
-            if self.seen_attrs.iter().any(|s| &buf[s.range()] == name) {
+            if scratch.seen_attrs.iter().any(|s| &buf[s.range()] == name) {
                 return Err(nwf("duplicate attribute"));
             }
-            self.seen_attrs.push(attr.name);
+            scratch.seen_attrs.push(attr.name);
             let acolon = check_qname(name)?;
             let value = &buf[attr.value.range()];
             let escaped = attr.special && check_attr_value(value)?;
@@ -617,7 +652,7 @@ impl State {
                     .then(|| Span::new(attr.name.start as usize + 6, attr.name.end as usize));
                 let uri = ns_ref(value, attr.value, escaped);
                 check_declaration(prefix.map(|p| &buf[p.range()]), uri_str(&uri, buf))?;
-                self.decls.push(Decl { prefix, uri });
+                scratch.decls.push(Decl { prefix, uri });
                 continue;
             }
             if acolon.is_some() {
@@ -650,8 +685,8 @@ impl State {
         }
         // Prefixes of attributes must be bound, like those of elements.
         if prefixed_attrs {
-            for i in 0..self.seen_attrs.len() {
-                let span = self.seen_attrs[i];
+            for i in 0..self.scratch().seen_attrs.len() {
+                let span = self.scratch().seen_attrs[i];
                 let name = &buf[span.range()];
                 if let Some(c) = memchr::memchr(b':', name) {
                     let prefix = &name[..c];
@@ -665,21 +700,21 @@ impl State {
 
         if let Some(mut env) = envelope {
             env.ns = element_ns;
-            self.envelope = Some(env);
-        } else if self.open.len() == 1
-            && let Some(env) = self.envelope.as_mut()
+            self.scratch().envelope = Some(env);
+        } else if self.scratch().open.len() == 1
+            && let Some(env) = self.scratch().envelope.as_mut()
             && env.first_child.is_none()
         {
             env.first_child = Some((Span::new(local_start, name_end), element_ns));
         }
 
         if empty {
-            self.decls.truncate(decls_before);
+            self.scratch().decls.truncate(decls_before);
             if top_level {
                 return self.complete(end);
             }
         } else {
-            self.open.push(Open {
+            self.scratch().open.push(Open {
                 qname,
                 decls_before,
             });
@@ -695,14 +730,14 @@ impl State {
             return Err(nwf("end tag with attributes"));
         }
         let name = &inner[..name_len];
-        match self.open.pop() {
+        match self.scratch.as_mut().and_then(|s| s.open.pop()) {
             Some(open) => {
                 if &buf[open.qname.range()] != name {
                     return Err(nwf("end tag does not match the start tag"));
                 }
-                self.decls.truncate(open.decls_before);
-                if self.open.is_empty() {
-                    if let Some(env) = self.envelope.as_mut() {
+                self.scratch().decls.truncate(open.decls_before);
+                if self.scratch().open.is_empty() {
+                    if let Some(env) = self.scratch().envelope.as_mut() {
                         env.end_tag_start = start as u32;
                     }
                     return self.complete(end);
@@ -728,9 +763,10 @@ impl State {
         if end - start > self.limits.max_element_size {
             return Err(policy("element larger than the size limit"));
         }
-        self.decls.clear();
-        if let Some(env) = self.envelope.as_mut() {
-            env.stream_prefixes = self.stream_prefixes;
+        self.scratch().decls.clear();
+        let stream_prefixes = self.stream_prefixes;
+        if let Some(env) = self.scratch().envelope.as_mut() {
+            env.stream_prefixes = stream_prefixes;
         }
         Ok(Step::Element(start, end))
     }
@@ -751,18 +787,19 @@ impl State {
         let content = &buf[..content_end];
         let mut header = StreamHeader::default();
         let mut default_ns: Option<NsRef> = None;
-        self.seen_attrs.clear();
+        let seen_attrs = &mut Scratch::of(&mut self.scratch).seen_attrs;
+        seen_attrs.clear();
         let mut ns_decls = 0;
         for attr in AttrIter::new(content, qname.end as usize) {
             let attr = attr?;
-            if self.seen_attrs.len() >= self.limits.max_attributes {
+            if seen_attrs.len() >= self.limits.max_attributes {
                 return Err(policy("more attributes than the limit"));
             }
             let name = &buf[attr.name.range()];
-            if self.seen_attrs.iter().any(|s| &buf[s.range()] == name) {
+            if seen_attrs.iter().any(|s| &buf[s.range()] == name) {
                 return Err(nwf("duplicate attribute"));
             }
-            self.seen_attrs.push(attr.name);
+            seen_attrs.push(attr.name);
             check_qname(name)?;
             let raw_value = &buf[attr.value.range()];
             let escaped = attr.special && check_attr_value(raw_value)?;
@@ -850,6 +887,8 @@ impl State {
             uri: content_ns,
         });
         header.content_ns = content_ns_str;
+        // Kept for the whole stream: no spare capacity.
+        self.stream_decls.shrink_to_fit();
         self.stream_qname = Box::from(std::str::from_utf8(qname_bytes).unwrap_or(""));
         self.phase = Phase::Open;
         Ok(Step::Header(header))
@@ -860,12 +899,14 @@ impl State {
         if prefix == Some(b"xml") {
             return Ok(NsRef::Static(ns::XML));
         }
-        let found = self
-            .decls
-            .iter()
-            .rev()
-            .find(|d| d.prefix.map(|p| &buf[p.range()]) == prefix)
-            .map(|d| d.uri.clone());
+        let found = self.scratch.as_ref().and_then(|scratch| {
+            scratch
+                .decls
+                .iter()
+                .rev()
+                .find(|d| d.prefix.map(|p| &buf[p.range()]) == prefix)
+                .map(|d| d.uri.clone())
+        });
         if let Some(uri) = found {
             return Ok(uri);
         }
@@ -1205,5 +1246,43 @@ impl Element {
             Some(Frame::Element(el)) if el.raw().len() == len => Ok(el),
             _ => Err(nwf("not exactly one complete element")),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Everything the framer allocates and keeps, apart from the stream's own declarations.
+    fn held(framer: &Framer) -> usize {
+        framer.buf.capacity() + framer.state.scratch.as_ref().map_or(0, |_| 1)
+    }
+
+    #[test]
+    fn an_idle_stream_holds_no_buffer() {
+        let mut framer = Framer::new();
+        framer.feed(
+            b"<stream:stream xmlns='jabber:client' xmlns:stream='http://etherx.jabber.org/streams' \
+              to='example.org' version='1.0'>",
+        );
+        assert!(matches!(
+            framer.next_frame(),
+            Ok(Some(Frame::StreamOpen(_)))
+        ));
+        assert_eq!(framer.next_frame(), Ok(None));
+        assert_eq!(held(&framer), 0);
+        assert_eq!(
+            framer.state.stream_decls.capacity(),
+            framer.state.stream_decls.len()
+        );
+
+        framer
+            .feed(b"<message to='a@example.org' xmlns:x='urn:x'><x:y a='1' b='2'><z/></x:y></mess");
+        assert_eq!(framer.next_frame(), Ok(None));
+        assert!(held(&framer) > 0, "a partial element is held");
+        framer.feed(b"age> ");
+        assert!(matches!(framer.next_frame(), Ok(Some(Frame::Element(_)))));
+        assert_eq!(framer.next_frame(), Ok(None));
+        assert_eq!(held(&framer), 0, "nothing is kept between elements");
     }
 }

@@ -226,8 +226,10 @@ impl CertResolver {
 impl ResolvesServerCert for CertResolver {
     fn resolve(&self, client_hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let set = self.current();
-        set.select(client_hello.server_name())
-            .map(|entry| entry.key.clone())
+        let entry = set.select(client_hello.server_name())?;
+        // The handshake being accepted learns which certificate it serves.
+        super::capture::served(entry.end_point.as_deref());
+        Some(entry.key.clone())
     }
 }
 

@@ -1,5 +1,5 @@
-//! TLS for the edge's listeners: server configurations, certificates, reloads and channel
-//! binding.
+//! TLS for the edge's listeners: server configurations, certificates, reloads, the TLS stream
+//! itself, and channel binding.
 //!
 //! - STARTTLS (RFC 6120 §5) uses [`Alpn::None`]; direct TLS (XEP-0368 §3) uses
 //!   [`Alpn::XmppClient`], which negotiates the ALPN protocol `xmpp-client` (RFC 7301).
@@ -9,32 +9,39 @@
 //!   `<data_dir>/tls/` when none is configured.
 //! - [`TlsManager::reload`] swaps the whole certificate set atomically: established sessions
 //!   keep theirs, new handshakes get the new one; a reload that fails keeps the old set.
-//! - [`TlsManager::channel_binding`] gives SASL the `tls-exporter` (RFC 9266, TLS 1.3 only) and
-//!   `tls-server-end-point` (RFC 5929 §4.1) data of a connection.
+//! - [`TlsManager::accept`] runs a handshake on a TCP stream and returns a [`TlsStream`]
+//!   (rustls's unbuffered API: an idle connection holds no buffer, see `stream`) with the
+//!   connection's channel-binding data for SASL: `tls-exporter` (RFC 9266, TLS 1.3 only) and
+//!   `tls-server-end-point` (RFC 5929 §4.1), caught during the handshake (see `capture`).
 //!
-//! This module never reads a byte of a stream and never decides who may connect; it only hands
-//! rustls configurations to the listeners and binding data to SASL.
+//! This module decrypts and encrypts bytes but never interprets them, and never decides who
+//! may connect; it hands plaintext to the connection and binding data to SASL.
 
+mod capture;
 mod certs;
 mod der;
 mod generate;
+mod pool;
+mod stream;
 
 #[cfg(test)]
 mod tests;
 
 use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, SystemTime};
 
 use rustls::ServerConfig;
 use rustls::crypto::CryptoProvider;
-use rustls::server::ServerConnection;
 use sha2::Digest;
 use starling_sasl::{ChannelBindingInfo, ChannelBindingType};
+use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
 
 pub use der::DerError;
+pub use stream::TlsStream;
 
 use certs::{CertEntry, CertResolver, CertSet};
 
@@ -315,39 +322,24 @@ impl TlsManager {
         })
     }
 
-    /// Channel-binding data of an established connection for SCRAM-PLUS (RFC 5056):
+    /// Runs the TLS handshake of a new connection (the caller bounds it in time) and returns
+    /// the established stream with its channel-binding data for SCRAM-PLUS (RFC 5056):
     /// - `tls-exporter` (RFC 9266): 32 bytes exported with label `EXPORTER-Channel-Binding`
     ///   and no context, offered only when TLS 1.3 was negotiated (RFC 9266 §3 forbids it on
     ///   TLS 1.2 without extended master secret, which rustls does not report).
-    /// - `tls-server-end-point` (RFC 5929 §4.1): the hash of the leaf certificate, omitted for
+    /// - `tls-server-end-point` (RFC 5929 §4.1): the hash of the leaf certificate this
+    ///   handshake served (so a reload during the handshake cannot make it wrong), omitted for
     ///   EdDSA or unknown signature algorithms.
     ///
-    /// Empty while the handshake is still running.
-    ///
-    /// The served certificate is found again by the connection's SNI in the *current* set. If a
-    /// reload swapped the certificate between this connection's handshake and this call, the
-    /// end-point hash is that of the new certificate and a client using `tls-server-end-point`
-    /// fails to authenticate (and may retry); nothing is weakened. Call this right after the
-    /// handshake to keep that window small.
-    pub fn channel_binding(&self, conn: &ServerConnection) -> ChannelBindingInfo {
-        let mut info = ChannelBindingInfo::none();
-        if conn.is_handshaking() {
-            return info;
-        }
-        if conn.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3) {
-            match conn.export_keying_material([0u8; EXPORTER_LEN], EXPORTER_LABEL, None) {
-                Ok(data) => info = info.with(ChannelBindingType::TlsExporter, data.to_vec()),
-                Err(error) => tracing::warn!(%error, "tls-exporter unavailable"),
-            }
-        }
-        let set = self.resolver.current();
-        if let Some(data) = set
-            .select(conn.server_name())
-            .and_then(|entry| entry.end_point.clone())
-        {
-            info = info.with(ChannelBindingType::TlsServerEndPoint, data);
-        }
-        info
+    /// A failed handshake sends rustls's alert (best effort) and returns the error.
+    pub async fn accept(
+        &self,
+        tcp: TcpStream,
+        alpn: Alpn,
+    ) -> io::Result<(TlsStream, ChannelBindingInfo)> {
+        let (stream, captured) = TlsStream::accept(tcp, self.server_config(alpn)).await?;
+        let info = channel_binding(&stream, captured);
+        Ok((stream, info))
     }
 
     /// Whether the generated certificate in service is about to expire.
@@ -362,6 +354,31 @@ impl TlsManager {
             .iter()
             .any(|entry| entry.not_after <= limit)
     }
+}
+
+/// The channel-binding data of an established stream, from what its handshake revealed.
+fn channel_binding(stream: &TlsStream, captured: capture::Captured) -> ChannelBindingInfo {
+    let mut info = ChannelBindingInfo::none();
+    if stream.protocol_version() == Some(rustls::ProtocolVersion::TLSv1_3) {
+        let suite = match stream.negotiated_cipher_suite() {
+            Some(rustls::SupportedCipherSuite::Tls13(suite)) => Some(suite),
+            _ => None,
+        };
+        let mut data = [0u8; EXPORTER_LEN];
+        match (suite, &captured.exporter_secret) {
+            (Some(suite), Some(secret)) => {
+                match capture::exporter(suite, secret, EXPORTER_LABEL, &[], &mut data) {
+                    Ok(()) => info = info.with(ChannelBindingType::TlsExporter, data.to_vec()),
+                    Err(_) => tracing::warn!("tls-exporter unavailable: bad output length"),
+                }
+            }
+            _ => tracing::warn!("tls-exporter unavailable: no exporter secret"),
+        }
+    }
+    if let Some(data) = captured.end_point {
+        info = info.with(ChannelBindingType::TlsServerEndPoint, data);
+    }
+    info
 }
 
 fn stat_signature(source: &Source) -> StatSignature {
@@ -477,6 +494,8 @@ fn server_config(
         .with_protocol_versions(PROTOCOL_VERSIONS)?
         .with_no_client_auth()
         .with_cert_resolver(resolver.clone());
+    // Only to catch the exporter secret of a handshake being accepted; see `capture`.
+    config.key_log = Arc::new(capture::ExporterSecretLog);
     config.alpn_protocols = match alpn {
         Alpn::None => Vec::new(),
         Alpn::XmppClient => vec![ALPN_XMPP_CLIENT.to_vec()],

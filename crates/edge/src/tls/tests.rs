@@ -1,4 +1,4 @@
-//! Real handshakes over in-memory pipes against a rustls client.
+//! Real handshakes over loopback TCP between [`TlsManager::accept`] and a rustls client.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -9,8 +9,9 @@ use rustls::ClientConfig;
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, ServerName};
 use sha2::Digest;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, DuplexStream};
-use tokio_rustls::{TlsAcceptor, TlsConnector, client, server};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::{TlsConnector, client};
 
 use super::*;
 
@@ -86,58 +87,129 @@ fn client_config(
     trusted: &[&str],
     versions: &[&'static rustls::SupportedProtocolVersion],
 ) -> ClientConfig {
+    client_config_with(rustls::crypto::ring::default_provider(), trusted, versions)
+}
+
+fn client_config_with(
+    provider: rustls::crypto::CryptoProvider,
+    trusted: &[&str],
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     for pem in trusted {
         roots.add(der_of(pem)).unwrap();
     }
-    ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+    ClientConfig::builder_with_provider(Arc::new(provider))
         .with_protocol_versions(versions)
         .unwrap()
         .with_root_certificates(roots)
         .with_no_client_auth()
 }
 
-type Pair = (
-    server::TlsStream<DuplexStream>,
-    client::TlsStream<DuplexStream>,
-);
+/// A manager serving `localhost` with a generated certificate, and that certificate (PEM).
+fn generated_localhost(dir: &TempDir) -> (Arc<TlsManager>, String) {
+    let manager = TlsManager::load(settings(dir.path(), &["localhost"], vec![])).unwrap();
+    let cert = std::fs::read_to_string(manager.generated_cert_path().unwrap()).unwrap();
+    (manager, cert)
+}
 
-async fn handshake(server: Arc<rustls::ServerConfig>, client: ClientConfig, name: &str) -> Pair {
-    try_handshake(server, client, name).await.unwrap()
+/// A manager serving `chat.test` with a self-signed certificate of `alg`, and its PEM.
+fn chat_test(dir: &TempDir, alg: &'static rcgen::SignatureAlgorithm) -> (Arc<TlsManager>, Pem) {
+    let pem = self_signed(alg, &["chat.test"]);
+    let files = vec![write_pair(dir.path(), "chat", &pem)];
+    let manager = TlsManager::load(settings(dir.path(), &["chat.test"], files)).unwrap();
+    (manager, pem)
+}
+
+/// The `tls-exporter` value as the client computes it (RFC 9266).
+fn client_exporter(pair: &Pair) -> [u8; 32] {
+    pair.client
+        .get_ref()
+        .1
+        .export_keying_material([0u8; 32], b"EXPORTER-Channel-Binding", None)
+        .unwrap()
+}
+
+/// A STARTTLS handshake with a client that trusts `cert` and offers `versions`.
+async fn localhost_pair(
+    manager: &TlsManager,
+    cert: &str,
+    versions: &[&'static rustls::SupportedProtocolVersion],
+) -> Pair {
+    handshake(
+        manager,
+        Alpn::None,
+        client_config(&[cert], versions),
+        "localhost",
+    )
+    .await
+}
+
+/// The server's stream and channel-binding data, and the client's stream.
+struct Pair {
+    server: TlsStream,
+    binding: ChannelBindingInfo,
+    client: client::TlsStream<TcpStream>,
+}
+
+async fn handshake(manager: &TlsManager, alpn: Alpn, client: ClientConfig, name: &str) -> Pair {
+    try_handshake(manager, alpn, client, name).await.unwrap()
 }
 
 async fn try_handshake(
-    server: Arc<rustls::ServerConfig>,
+    manager: &TlsManager,
+    alpn: Alpn,
     client: ClientConfig,
     name: &str,
 ) -> std::io::Result<Pair> {
-    let (server_io, client_io) = tokio::io::duplex(64 * 1024);
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let client_tcp = TcpStream::connect(listener.local_addr()?).await?;
+    let (server_tcp, _) = listener.accept().await?;
     let name = ServerName::try_from(name.to_owned()).unwrap();
     let (server, client) = tokio::join!(
-        TlsAcceptor::from(server).accept(server_io),
-        TlsConnector::from(Arc::new(client)).connect(name, client_io),
+        manager.accept(server_tcp, alpn),
+        TlsConnector::from(Arc::new(client)).connect(name, client_tcp),
     );
-    Ok((server?, client?))
+    let (server, binding) = server?;
+    Ok(Pair {
+        server,
+        binding,
+        client: client?,
+    })
 }
 
 fn served_leaf(pair: &Pair) -> CertificateDer<'static> {
-    pair.1.get_ref().1.peer_certificates().unwrap()[0]
+    pair.client.get_ref().1.peer_certificates().unwrap()[0]
         .clone()
         .into_owned()
 }
 
+/// Reads from the server stream until `n` plaintext bytes arrived.
+async fn server_read(server: &mut TlsStream, n: usize) -> Vec<u8> {
+    let mut got = Vec::new();
+    while got.len() < n {
+        let read = std::future::poll_fn(|cx| {
+            server.poll_read(cx, &mut |bytes| got.extend_from_slice(bytes))
+        })
+        .await
+        .unwrap();
+        assert!(read > 0, "end of stream after {} bytes", got.len());
+    }
+    got
+}
+
 /// Sends a line each way over an established pair.
 async fn exchange(pair: &mut Pair, text: &[u8]) {
-    let (server, client) = pair;
+    let Pair { server, client, .. } = pair;
     client.write_all(text).await.unwrap();
     client.flush().await.unwrap();
-    let mut buf = vec![0; text.len()];
-    server.read_exact(&mut buf).await.unwrap();
-    assert_eq!(buf, text);
+    assert_eq!(server_read(server, text.len()).await, text);
+    assert!(!server.holds_buffers(), "an idle stream holds no buffer");
     server.write_all(text).await.unwrap();
-    server.flush().await.unwrap();
+    let mut buf = vec![0; text.len()];
     client.read_exact(&mut buf).await.unwrap();
     assert_eq!(buf, text);
+    assert!(!server.holds_buffers(), "an idle stream holds no buffer");
 }
 
 const BOTH: &[&rustls::SupportedProtocolVersion] = PROTOCOL_VERSIONS;
@@ -162,7 +234,8 @@ async fn generated_certificate_is_created_then_reused() {
     // A client trusting the generated certificate connects to both domains.
     for name in ["localhost", "chat.test"] {
         let pair = handshake(
-            manager.server_config(Alpn::None),
+            &manager,
+            Alpn::None,
             client_config(&[&cert_pem], BOTH),
             name,
         )
@@ -177,7 +250,8 @@ async fn generated_certificate_is_created_then_reused() {
     assert_eq!(std::fs::read_to_string(&cert_path).unwrap(), cert_pem);
     assert_eq!(std::fs::read(&key_path).unwrap(), key_pem);
     let pair = handshake(
-        again.server_config(Alpn::None),
+        &again,
+        Alpn::None,
         client_config(&[&cert_pem], BOTH),
         "localhost",
     )
@@ -199,7 +273,8 @@ async fn generated_certificate_is_regenerated_when_a_domain_is_added() {
     let second = std::fs::read_to_string(&cert_path).unwrap();
     assert_ne!(first, second);
     let pair = handshake(
-        manager.server_config(Alpn::None),
+        &manager,
+        Alpn::None,
         client_config(&[&second], BOTH),
         "new.test",
     )
@@ -235,7 +310,8 @@ async fn expired_generated_certificate_is_regenerated() {
     let new = std::fs::read_to_string(tls_dir.join("cert.pem")).unwrap();
     assert_ne!(old, new);
     handshake(
-        manager.server_config(Alpn::None),
+        &manager,
+        Alpn::None,
         client_config(&[&new], BOTH),
         "localhost",
     )
@@ -256,44 +332,46 @@ async fn sni_selects_among_configured_certificates() {
     assert_eq!(manager.generated_cert_path(), None);
     let trust = || client_config(&[&a.cert, &b.cert], BOTH);
 
-    let pair = handshake(manager.server_config(Alpn::None), trust(), "a.test").await;
+    let pair = handshake(&manager, Alpn::None, trust(), "a.test").await;
     assert_eq!(served_leaf(&pair), der_of(&a.cert));
-    let pair = handshake(manager.server_config(Alpn::None), trust(), "b.test").await;
+    let pair = handshake(&manager, Alpn::None, trust(), "b.test").await;
     assert_eq!(served_leaf(&pair), der_of(&b.cert));
-    let pair = handshake(manager.server_config(Alpn::None), trust(), "muc.b.test").await;
+    let pair = handshake(&manager, Alpn::None, trust(), "muc.b.test").await;
     assert_eq!(served_leaf(&pair), der_of(&b.cert));
 
     // Without SNI the first domain's certificate is served.
     let mut no_sni = trust();
     no_sni.enable_sni = false;
-    let pair = handshake(manager.server_config(Alpn::None), no_sni, "b.test").await;
+    let pair = handshake(&manager, Alpn::None, no_sni, "b.test").await;
     assert_eq!(served_leaf(&pair), der_of(&b.cert));
-    assert_eq!(pair.0.get_ref().1.server_name(), None);
+    // And the end-point binding is that of the certificate served.
+    let leaf_hash = sha2::Sha384::digest(der_of(&b.cert).as_ref());
+    assert_eq!(
+        pair.binding.data(ChannelBindingType::TlsServerEndPoint),
+        Some(&leaf_hash[..])
+    );
 }
 
 #[tokio::test]
 async fn direct_tls_negotiates_xmpp_client() {
     let dir = TempDir::new();
-    let manager = TlsManager::load(settings(dir.path(), &["localhost"], vec![])).unwrap();
-    let cert = std::fs::read_to_string(manager.generated_cert_path().unwrap()).unwrap();
+    let (manager, cert) = generated_localhost(&dir);
 
     let mut client = client_config(&[&cert], BOTH);
     client.alpn_protocols = vec![b"xmpp-client".to_vec()];
-    let pair = handshake(manager.server_config(Alpn::XmppClient), client, "localhost").await;
+    let pair = handshake(&manager, Alpn::XmppClient, client, "localhost").await;
+    assert_eq!(pair.server.alpn_protocol(), Some(&b"xmpp-client"[..]));
     assert_eq!(
-        pair.0.get_ref().1.alpn_protocol(),
-        Some(&b"xmpp-client"[..])
-    );
-    assert_eq!(
-        pair.1.get_ref().1.alpn_protocol(),
+        pair.client.get_ref().1.alpn_protocol(),
         Some(&b"xmpp-client"[..])
     );
 
     // STARTTLS offers no ALPN, even to a client asking for it.
     let mut client = client_config(&[&cert], BOTH);
     client.alpn_protocols = vec![b"xmpp-client".to_vec()];
-    let pair = handshake(manager.server_config(Alpn::None), client, "localhost").await;
-    assert_eq!(pair.1.get_ref().1.alpn_protocol(), None);
+    let pair = handshake(&manager, Alpn::None, client, "localhost").await;
+    assert_eq!(pair.client.get_ref().1.alpn_protocol(), None);
+    assert_eq!(pair.server.alpn_protocol(), None);
 }
 
 #[tokio::test]
@@ -305,14 +383,14 @@ async fn reload_serves_new_certificate_and_keeps_established_sessions() {
     let new = self_signed(&rcgen::PKCS_ECDSA_P256_SHA256, &["chat.test"]);
     let trust = || client_config(&[&old.cert, &new.cert], BOTH);
 
-    let mut established = handshake(manager.server_config(Alpn::None), trust(), "chat.test").await;
+    let mut established = handshake(&manager, Alpn::None, trust(), "chat.test").await;
     assert_eq!(served_leaf(&established), der_of(&old.cert));
     assert!(!manager.reload().unwrap(), "nothing changed yet");
 
     write_pair(dir.path(), "chat", &new);
     assert!(manager.reload().unwrap());
 
-    let fresh = handshake(manager.server_config(Alpn::None), trust(), "chat.test").await;
+    let fresh = handshake(&manager, Alpn::None, trust(), "chat.test").await;
     assert_eq!(served_leaf(&fresh), der_of(&new.cert));
     exchange(&mut established, b"<presence/>").await;
     assert!(
@@ -344,7 +422,8 @@ async fn broken_file_on_reload_keeps_old_certificates() {
     assert!(matches!(manager.reload(), Err(TlsError::Read { .. })));
 
     let pair = handshake(
-        manager.server_config(Alpn::None),
+        &manager,
+        Alpn::None,
         client_config(&[&good.cert], BOTH),
         "chat.test",
     )
@@ -388,7 +467,7 @@ async fn watcher_reloads_changed_files() {
     let mut served_new = false;
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(20)).await;
-        let pair = handshake(manager.server_config(Alpn::None), trust(), "chat.test").await;
+        let pair = handshake(&manager, Alpn::None, trust(), "chat.test").await;
         if served_leaf(&pair) == der_of(&new.cert) {
             served_new = true;
             break;
@@ -405,29 +484,22 @@ async fn watcher_reloads_changed_files() {
 #[tokio::test]
 async fn channel_binding_on_tls13() {
     let dir = TempDir::new();
-    let pem = self_signed(&rcgen::PKCS_ECDSA_P256_SHA256, &["chat.test"]);
-    let files = vec![write_pair(dir.path(), "chat", &pem)];
-    let manager = TlsManager::load(settings(dir.path(), &["chat.test"], files)).unwrap();
+    let (manager, pem) = chat_test(&dir, &rcgen::PKCS_ECDSA_P256_SHA256);
 
     let pair = handshake(
-        manager.server_config(Alpn::XmppClient),
+        &manager,
+        Alpn::XmppClient,
         client_config(&[&pem.cert], BOTH),
         "chat.test",
     )
     .await;
-    let server = pair.0.get_ref().1;
     assert_eq!(
-        server.protocol_version(),
+        pair.server.protocol_version(),
         Some(rustls::ProtocolVersion::TLSv1_3)
     );
-    let info = manager.channel_binding(server);
+    let info = &pair.binding;
 
-    let client_export = pair
-        .1
-        .get_ref()
-        .1
-        .export_keying_material([0u8; 32], b"EXPORTER-Channel-Binding", None)
-        .unwrap();
+    let client_export = client_exporter(&pair);
     assert_eq!(
         info.data(ChannelBindingType::TlsExporter),
         Some(&client_export[..])
@@ -449,22 +521,20 @@ async fn channel_binding_on_tls13() {
 #[tokio::test]
 async fn channel_binding_on_tls12_has_no_exporter() {
     let dir = TempDir::new();
-    let pem = self_signed(&rcgen::PKCS_ECDSA_P384_SHA384, &["chat.test"]);
-    let files = vec![write_pair(dir.path(), "chat", &pem)];
-    let manager = TlsManager::load(settings(dir.path(), &["chat.test"], files)).unwrap();
+    let (manager, pem) = chat_test(&dir, &rcgen::PKCS_ECDSA_P384_SHA384);
 
     let pair = handshake(
-        manager.server_config(Alpn::None),
+        &manager,
+        Alpn::None,
         client_config(&[&pem.cert], TLS12_ONLY),
         "chat.test",
     )
     .await;
-    let server = pair.0.get_ref().1;
     assert_eq!(
-        server.protocol_version(),
+        pair.server.protocol_version(),
         Some(rustls::ProtocolVersion::TLSv1_2)
     );
-    let info = manager.channel_binding(server);
+    let info = &pair.binding;
     assert_eq!(info.data(ChannelBindingType::TlsExporter), None);
     // ECDSA with SHA-384 → SHA-384 of the leaf.
     let leaf_hash = sha2::Sha384::digest(der_of(&pem.cert).as_ref());
@@ -477,16 +547,15 @@ async fn channel_binding_on_tls12_has_no_exporter() {
 #[tokio::test]
 async fn channel_binding_omits_end_point_for_ed25519() {
     let dir = TempDir::new();
-    let pem = self_signed(&rcgen::PKCS_ED25519, &["chat.test"]);
-    let files = vec![write_pair(dir.path(), "chat", &pem)];
-    let manager = TlsManager::load(settings(dir.path(), &["chat.test"], files)).unwrap();
+    let (manager, pem) = chat_test(&dir, &rcgen::PKCS_ED25519);
     let pair = handshake(
-        manager.server_config(Alpn::None),
+        &manager,
+        Alpn::None,
         client_config(&[&pem.cert], BOTH),
         "chat.test",
     )
     .await;
-    let info = manager.channel_binding(pair.0.get_ref().1);
+    let info = &pair.binding;
     assert!(info.data(ChannelBindingType::TlsExporter).is_some());
     assert_eq!(info.data(ChannelBindingType::TlsServerEndPoint), None);
 }
@@ -526,4 +595,199 @@ fn tls11_client_hello_is_refused() {
         matches!(error, rustls::Error::PeerIncompatible(_)),
         "unexpected error {error:?}"
     );
+}
+
+/// A client offering only `suite`.
+fn client_with_suite(trusted: &str, suite: rustls::SupportedCipherSuite) -> ClientConfig {
+    let provider = rustls::crypto::CryptoProvider {
+        cipher_suites: vec![suite],
+        ..rustls::crypto::ring::default_provider()
+    };
+    client_config_with(provider, &[trusted], BOTH)
+}
+
+#[tokio::test]
+async fn tls_exporter_matches_the_client_for_every_tls13_suite() {
+    use rustls::crypto::ring::cipher_suite as suites;
+    let dir = TempDir::new();
+    let (manager, pem) = chat_test(&dir, &rcgen::PKCS_ECDSA_P256_SHA256);
+    for suite in [
+        suites::TLS13_AES_128_GCM_SHA256,
+        suites::TLS13_AES_256_GCM_SHA384,
+        suites::TLS13_CHACHA20_POLY1305_SHA256,
+    ] {
+        let mut pair = handshake(
+            &manager,
+            Alpn::None,
+            client_with_suite(&pem.cert, suite),
+            "chat.test",
+        )
+        .await;
+        assert_eq!(
+            pair.server.negotiated_cipher_suite().map(|s| s.suite()),
+            Some(suite.suite())
+        );
+        let client_export = client_exporter(&pair);
+        assert_eq!(
+            pair.binding.data(ChannelBindingType::TlsExporter),
+            Some(&client_export[..]),
+            "{suite:?}"
+        );
+        exchange(&mut pair, b"<r xmlns='urn:xmpp:sm:3'/>").await;
+    }
+}
+
+#[tokio::test]
+async fn resumed_handshake_keeps_channel_binding() {
+    let dir = TempDir::new();
+    let (manager, pem) = chat_test(&dir, &rcgen::PKCS_ECDSA_P256_SHA256);
+    let leaf_hash = sha2::Sha256::digest(der_of(&pem.cert).as_ref());
+    for versions in [BOTH, TLS12_ONLY] {
+        // One client configuration keeps its session cache across the two connections.
+        let client = client_config(&[&pem.cert], versions);
+        let mut first = handshake(&manager, Alpn::None, client.clone(), "chat.test").await;
+        // TLS 1.3 tickets arrive after the handshake; an exchange makes sure the client has
+        // read them.
+        exchange(&mut first, b"<presence/>").await;
+        let mut second = handshake(&manager, Alpn::None, client, "chat.test").await;
+        assert_eq!(
+            second.client.get_ref().1.handshake_kind(),
+            Some(rustls::HandshakeKind::Resumed),
+            "{versions:?}"
+        );
+        assert_eq!(
+            second.binding.data(ChannelBindingType::TlsServerEndPoint),
+            Some(&leaf_hash[..])
+        );
+        if versions == BOTH {
+            let client_export = client_exporter(&second);
+            assert_eq!(
+                second.binding.data(ChannelBindingType::TlsExporter),
+                Some(&client_export[..])
+            );
+        }
+        exchange(&mut second, b"<presence/>").await;
+    }
+}
+
+#[tokio::test]
+async fn large_writes_and_reads_cross_many_records() {
+    let dir = TempDir::new();
+    let (manager, cert) = generated_localhost(&dir);
+    for versions in [BOTH, TLS12_ONLY] {
+        let mut pair = localhost_pair(&manager, &cert, versions).await;
+        let big: Vec<u8> = (0..300_000u32).map(|i| b'a' + (i % 26) as u8).collect();
+        exchange(&mut pair, &big).await;
+    }
+}
+
+#[tokio::test]
+async fn records_cut_into_single_bytes_are_joined() {
+    let dir = TempDir::new();
+    let (manager, cert) = generated_localhost(&dir);
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let config = Arc::new(client_config(&[&cert], BOTH));
+    // A client that writes every TLS byte in a segment of its own, handshake included.
+    let client = tokio::spawn(async move {
+        let mut tcp = TcpStream::connect(addr).await.unwrap();
+        tcp.set_nodelay(true).unwrap();
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut conn = rustls::ClientConnection::new(config, name).unwrap();
+        let mut sent_data = false;
+        let mut received = Vec::new();
+        loop {
+            while conn.wants_write() {
+                let mut out = Vec::new();
+                conn.write_tls(&mut out).unwrap();
+                for byte in out {
+                    tcp.write_all(&[byte]).await.unwrap();
+                    tokio::time::sleep(Duration::from_micros(50)).await;
+                }
+            }
+            if !conn.is_handshaking() && !sent_data {
+                std::io::Write::write_all(&mut conn.writer(), b"<stream/>").unwrap();
+                sent_data = true;
+                continue;
+            }
+            if received.len() >= 6 {
+                return received;
+            }
+            let mut buf = [0u8; 4096];
+            let n = tcp.read(&mut buf).await.unwrap();
+            assert!(n > 0);
+            conn.read_tls(&mut &buf[..n]).unwrap();
+            conn.process_new_packets().unwrap();
+            let mut plain = [0u8; 64];
+            while let Ok(n) = std::io::Read::read(&mut conn.reader(), &mut plain) {
+                if n == 0 {
+                    break;
+                }
+                received.extend_from_slice(&plain[..n]);
+            }
+        }
+    });
+    let (tcp, _) = listener.accept().await.unwrap();
+    let (mut server, _) = manager.accept(tcp, Alpn::None).await.unwrap();
+    assert_eq!(server_read(&mut server, 9).await, b"<stream/>");
+    assert!(!server.holds_buffers());
+    server.write_all(b"<ok/>\n").await.unwrap();
+    assert_eq!(client.await.unwrap(), b"<ok/>\n");
+}
+
+#[tokio::test]
+async fn key_update_from_the_client_is_answered() {
+    let dir = TempDir::new();
+    let (manager, cert) = generated_localhost(&dir);
+    let mut pair = localhost_pair(&manager, &cert, BOTH).await;
+    exchange(&mut pair, b"before").await;
+    for _ in 0..3 {
+        pair.client.get_mut().1.refresh_traffic_keys().unwrap();
+        exchange(&mut pair, b"after a key update").await;
+    }
+}
+
+#[tokio::test]
+async fn close_notify_both_ways() {
+    let dir = TempDir::new();
+    let (manager, cert) = generated_localhost(&dir);
+
+    // The server closes: the client sees a clean end (close_notify, not a truncation).
+    let mut pair = localhost_pair(&manager, &cert, BOTH).await;
+    pair.server.write_all(b"bye").await.unwrap();
+    pair.server.shutdown().await.unwrap();
+    let mut rest = Vec::new();
+    pair.client.read_to_end(&mut rest).await.unwrap();
+    assert_eq!(rest, b"bye");
+
+    // The client closes: the server reads the data, then the end.
+    let mut pair = localhost_pair(&manager, &cert, BOTH).await;
+    pair.client.write_all(b"last words").await.unwrap();
+    pair.client.shutdown().await.unwrap();
+    assert_eq!(server_read(&mut pair.server, 10).await, b"last words");
+    let end = std::future::poll_fn(|cx| pair.server.poll_read(cx, &mut |_| {}))
+        .await
+        .unwrap();
+    assert_eq!(end, 0);
+    assert!(!pair.server.holds_buffers());
+}
+
+#[tokio::test]
+async fn garbage_instead_of_a_client_hello_fails_the_handshake_with_an_alert() {
+    let dir = TempDir::new();
+    let manager = TlsManager::load(settings(dir.path(), &["localhost"], vec![])).unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let mut client = TcpStream::connect(listener.local_addr().unwrap())
+        .await
+        .unwrap();
+    let (tcp, _) = listener.accept().await.unwrap();
+    client
+        .write_all(b"<stream:stream xmlns='jabber:client'>")
+        .await
+        .unwrap();
+    assert!(manager.accept(tcp, Alpn::None).await.is_err());
+    let mut answer = Vec::new();
+    client.read_to_end(&mut answer).await.unwrap();
+    // A TLS alert record (content type 21).
+    assert_eq!(answer.first(), Some(&21), "{answer:?}");
 }
