@@ -1,0 +1,725 @@
+//! `starling-compare`: Starling, Prosody and ejabberd side by side on this machine, in one run
+//! and back to back. See `benches/README.md` ("benches/compare").
+//!
+//! For each server in turn: write its configuration into a private directory, start it,
+//! register the accounts through XEP-0077, then run `starling-load` (a sibling binary) for
+//! `connect` (RSS per idle session), a `chat` ramp (the highest rate with p99 under the
+//! bound) and `login-storm` (logins per second at a fixed concurrency), reading the server's
+//! RSS and CPU time from `/proc` over each measured phase; stop it; then print one table.
+
+use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use starling_benches::compare::packages;
+use starling_benches::compare::ramp::{self, Bounds};
+use starling_benches::compare::servers::{self, Kind, Layout, Running};
+use starling_benches::compare::summary::{
+    self, ChatResult, ChatStep, ConnectResult, ServerResult, StormResult,
+};
+use starling_benches::load::limits;
+use starling_benches::load::stats::Report;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "starling-compare",
+    version,
+    about = "Starling, Prosody and ejabberd side by side: RSS per idle session, sustained \
+             messages/s with p99, CPU per message, login-storm logins/s"
+)]
+struct Cli {
+    /// Servers to run, in this order (comma-separated): starling, prosody, ejabberd.
+    #[arg(
+        long,
+        default_value = "starling,prosody,ejabberd",
+        value_delimiter = ','
+    )]
+    servers: Vec<String>,
+    /// Scenarios to run (comma-separated): connect, chat, login-storm.
+    #[arg(
+        long,
+        default_value = "connect,chat,login-storm",
+        value_delimiter = ','
+    )]
+    scenarios: Vec<String>,
+    /// connect: idle TLS sessions held.
+    #[arg(long, default_value_t = 10_000)]
+    sessions: u64,
+    /// connect: logins started per second.
+    #[arg(long, default_value_t = 500.0)]
+    connect_rate: f64,
+    /// connect: seconds the sessions are held before the RSS is read.
+    #[arg(long, default_value_t = 10.0)]
+    hold: f64,
+    /// chat: pairs of sessions.
+    #[arg(long, default_value_t = 50)]
+    pairs: u64,
+    /// chat: seconds of sending per ramp step.
+    #[arg(long, default_value_t = 10.0)]
+    step_secs: f64,
+    /// chat: the ramp's first rate (messages/s, all pairs together).
+    #[arg(long, default_value_t = 2000.0)]
+    start_rate: f64,
+    /// chat: the ramp never goes above this rate.
+    #[arg(long, default_value_t = 512_000.0)]
+    max_rate: f64,
+    /// chat: a step is sustained when its end-to-end p99 is at most this (and nothing is lost).
+    #[arg(long, default_value_t = 50.0)]
+    p99_ms: f64,
+    /// chat: bisection stops when the failing rate is within this fraction of the passing one.
+    #[arg(long, default_value_t = 0.1)]
+    precision: f64,
+    /// chat: message body length in bytes.
+    #[arg(long, default_value_t = 64)]
+    body_size: usize,
+    /// login-storm: logins in flight at once (a closed loop: each finished login starts the
+    /// next).
+    #[arg(long, default_value_t = 32)]
+    storm_concurrency: usize,
+    /// login-storm: seconds.
+    #[arg(long, default_value_t = 10.0)]
+    storm_secs: f64,
+    /// login-storm: accounts cycled through.
+    #[arg(long, default_value_t = 200)]
+    storm_users: u64,
+    /// How TLS starts: starttls or direct (XEP-0368).
+    #[arg(long, default_value = "starttls")]
+    tls: String,
+    /// SASL mechanism the generator insists on, the same for every server.
+    #[arg(long, default_value = "scram-sha-256")]
+    mechanism: String,
+    /// Source addresses of the generator's connections.
+    #[arg(long, default_value = "127.0.1.1-127.0.60.254")]
+    source: String,
+    /// Worker threads of the generator (default: one per core).
+    #[arg(long)]
+    load_threads: Option<usize>,
+    /// First of the loopback ports used: each server gets four from base + 10 × its index.
+    #[arg(long, default_value_t = 25_200)]
+    port_base: u16,
+    /// Directory for configurations, data, logs and reports (default: a new one in /tmp,
+    /// removed at the end unless --keep).
+    #[arg(long)]
+    work_dir: Option<PathBuf>,
+    /// Keep the working directory.
+    #[arg(long)]
+    keep: bool,
+    /// Also write every result as JSON to this file.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// The starling binary (default: next to this one).
+    #[arg(long)]
+    starling_bin: Option<PathBuf>,
+    /// The starling-load binary (default: next to this one).
+    #[arg(long)]
+    load_bin: Option<PathBuf>,
+    /// Fail instead of installing Prosody or ejabberd when missing.
+    #[arg(long)]
+    no_install: bool,
+    /// Print each starling-load command line.
+    #[arg(long)]
+    verbose: bool,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Scenario {
+    Connect,
+    Chat,
+    Storm,
+}
+
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let kinds = cli
+        .servers
+        .iter()
+        .map(|s| Kind::from_name(s).with_context(|| format!("unknown server {s}")))
+        .collect::<anyhow::Result<Vec<Kind>>>()?;
+    let scenarios = cli
+        .scenarios
+        .iter()
+        .map(|s| match s.trim() {
+            "connect" => Ok(Scenario::Connect),
+            "chat" => Ok(Scenario::Chat),
+            "login-storm" | "storm" => Ok(Scenario::Storm),
+            other => bail!("unknown scenario {other}"),
+        })
+        .collect::<anyhow::Result<Vec<Scenario>>>()?;
+    if !matches!(cli.tls.as_str(), "starttls" | "direct") {
+        bail!("--tls must be starttls or direct");
+    }
+    let here = std::env::current_exe().context("locating this executable")?;
+    let sibling = |name: &str| here.with_file_name(name);
+    let starling_bin = cli
+        .starling_bin
+        .clone()
+        .unwrap_or_else(|| sibling("starling"));
+    let load_bin = cli
+        .load_bin
+        .clone()
+        .unwrap_or_else(|| sibling("starling-load"));
+    for (bin, what) in [(&load_bin, "starling-load"), (&starling_bin, "starling")] {
+        if (what == "starling-load" || kinds.contains(&Kind::Starling)) && !bin.is_file() {
+            bail!(
+                "{what} not found at {}; build it (cargo build --release -p starling \
+                 -p starling-benches) or give its path",
+                bin.display()
+            );
+        }
+    }
+
+    let nofile = limits::raise_nofile();
+    let nofile_limit = nofile.limit().min(1 << 20);
+    let needed = cli.sessions + 64;
+    if needed > nofile_limit {
+        eprintln!(
+            "warning: {} sessions need about {needed} descriptors per process, the limit is \
+             {nofile_limit}",
+            cli.sessions
+        );
+    }
+    let foreign: Vec<&str> = kinds.iter().filter_map(|k| k.package()).collect();
+    if cli.no_install {
+        if let Some(p) = foreign
+            .iter()
+            .find(|p| packages::installed_version(p).is_none())
+        {
+            bail!("{p} is not installed (and --no-install was given)");
+        }
+    } else {
+        packages::ensure(&foreign)?;
+    }
+    for k in &kinds {
+        if let Some(user) = k.system_user()
+            && !packages::processes_of(user).is_empty()
+        {
+            eprintln!(
+                "warning: processes of the {user} user are running (a system service?); they \
+                 share the machine with this run"
+            );
+        }
+    }
+
+    let (work, remove_work) = match &cli.work_dir {
+        Some(d) => (d.clone(), false),
+        None => (
+            std::env::temp_dir().join(format!("starling-compare-{}", std::process::id())),
+            !cli.keep,
+        ),
+    };
+    std::fs::create_dir_all(&work).with_context(|| format!("creating {}", work.display()))?;
+    set_mode(&work, 0o755)?;
+    let (cert_pem, key_pem) = certificate("localhost")?;
+    let ca = work.join("ca.pem");
+    std::fs::write(&ca, &cert_pem)?;
+
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    eprintln!(
+        "starling-compare: {} on {cores} cores; load average {}; working in {}",
+        kinds
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+            .join(", "),
+        loadavg_text(),
+        work.display()
+    );
+    let mut results = Vec::new();
+    for (i, &kind) in kinds.iter().enumerate() {
+        let base = cli.port_base.saturating_add(10 * i as u16);
+        let dir = work.join(kind.name());
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(dir.join("cert.pem"), &cert_pem)?;
+        std::fs::write(dir.join("key.pem"), &key_pem)?;
+        set_mode(&dir.join("key.pem"), 0o600)?;
+        let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+        let layout = Layout {
+            kind,
+            dir: dir.clone(),
+            domain: "localhost".to_owned(),
+            starttls: SocketAddr::new(ip, base),
+            direct_tls: SocketAddr::new(ip, base + 1),
+            aux: SocketAddr::new(ip, base + 2),
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            nofile: nofile_limit,
+        };
+        let run = Run {
+            cli: &cli,
+            load_bin: &load_bin,
+            ca: &ca,
+        };
+        let result = run.server(&layout, &starling_bin, &scenarios);
+        results.push(result);
+    }
+
+    let mut out = std::io::stdout().lock();
+    writeln!(out)?;
+    writeln!(
+        out,
+        "{} on this machine ({cores} cores), one run, servers measured back to back; \
+         connect {} sessions over {} with {}, chat {} pairs with {}-byte bodies to full JIDs \
+         ({} s steps, p99 <= {} ms, nothing lost), login-storm {} in flight for {} s",
+        kinds
+            .iter()
+            .map(|k| k.name())
+            .collect::<Vec<_>>()
+            .join(" / "),
+        cli.sessions,
+        cli.tls,
+        cli.mechanism.to_uppercase(),
+        cli.pairs,
+        cli.body_size,
+        cli.step_secs,
+        cli.p99_ms,
+        cli.storm_concurrency,
+        cli.storm_secs
+    )?;
+    summary::write_table(&mut out, &results)?;
+    for r in &results {
+        writeln!(out, "{}: measured {}", r.kind.name(), r.processes)?;
+    }
+    out.flush()?;
+    if let Some(path) = &cli.json {
+        let json = serde_json::json!({
+            "machine": { "cores": cores },
+            "results": results,
+            "targets": summary::targets(&results),
+        });
+        std::fs::write(path, serde_json::to_string_pretty(&json)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    if remove_work {
+        let _ = std::fs::remove_dir_all(&work);
+    } else {
+        eprintln!(
+            "configurations, logs and reports kept in {}",
+            work.display()
+        );
+    }
+    Ok(())
+}
+
+struct Run<'a> {
+    cli: &'a Cli,
+    load_bin: &'a Path,
+    ca: &'a Path,
+}
+
+impl Run<'_> {
+    fn server(&self, l: &Layout, starling_bin: &Path, scenarios: &[Scenario]) -> ServerResult {
+        let mut r = ServerResult::new(l.kind);
+        r.version = match l.kind.package() {
+            Some(p) => packages::installed_version(p).unwrap_or_default(),
+            None => Command::new(starling_bin)
+                .arg("--version")
+                .output()
+                .map(|o| {
+                    let v = String::from_utf8_lossy(&o.stdout);
+                    v.split_whitespace().last().unwrap_or("").to_owned()
+                })
+                .unwrap_or_default(),
+        };
+        eprintln!(
+            "[{}] starting {} {}",
+            l.kind.name(),
+            l.kind.name(),
+            r.version
+        );
+        let mut running = match servers::start(l, starling_bin, Duration::from_secs(90)) {
+            Ok(s) => s,
+            Err(e) => {
+                r.problems.push(format!("start: {e:#}"));
+                return r;
+            }
+        };
+        r.processes = describe(&running);
+        if let Err(e) = self.scenarios(&running, scenarios, &mut r) {
+            r.problems.push(format!("{e:#}"));
+        }
+        running.stop();
+        eprintln!("[{}] stopped", l.kind.name());
+        r
+    }
+
+    fn scenarios(
+        &self,
+        s: &Running,
+        scenarios: &[Scenario],
+        r: &mut ServerResult,
+    ) -> anyhow::Result<()> {
+        let cli = self.cli;
+        let l = s.layout();
+        let users = cli.sessions.max(cli.pairs * 2).max(cli.storm_users).max(1);
+        let t = std::time::Instant::now();
+        self.exec(
+            s,
+            "register",
+            &[
+                "--register",
+                "--register-concurrency",
+                "32",
+                "register",
+                "--users",
+                &users.to_string(),
+            ],
+        )?;
+        eprintln!(
+            "[{}] {users} accounts registered in {:.1} s",
+            l.kind.name(),
+            t.elapsed().as_secs_f64()
+        );
+        settle();
+        for &sc in scenarios {
+            let outcome = match sc {
+                Scenario::Connect => self.connect(s).map(|c| r.connect = Some(c)),
+                Scenario::Chat => self.chat(s).map(|c| r.chat = Some(c)),
+                Scenario::Storm => self.storm(s).map(|c| r.storm = Some(c)),
+            };
+            if let Err(e) = outcome {
+                r.problems.push(format!("{e:#}"));
+            }
+            settle();
+        }
+        Ok(())
+    }
+
+    fn connect(&self, s: &Running) -> anyhow::Result<ConnectResult> {
+        let cli = self.cli;
+        let rep = self.load(
+            s,
+            "connect",
+            &[
+                "connect",
+                "--sessions",
+                &cli.sessions.to_string(),
+                "--rate",
+                &cli.connect_rate.to_string(),
+                "--hold",
+                &cli.hold.to_string(),
+            ],
+        )?;
+        let m = &rep.measured;
+        let rss_start: u64 = m.processes.iter().map(|p| p.rss_start_kib).sum();
+        let rss_end: u64 = m.processes.iter().map(|p| p.rss_end_kib).sum();
+        let held = rep.sessions_held;
+        let c = ConnectResult {
+            sessions: cli.sessions,
+            held,
+            rss_start_kib: rss_start,
+            rss_end_kib: rss_end,
+            rss_per_session_kib: if held > 0 {
+                rss_end.saturating_sub(rss_start) as f64 / held as f64
+            } else {
+                0.0
+            },
+            login_rate: rep.login_rate_per_sec,
+            errors: rep.errors.clone(),
+            loadavg: [m.loadavg_start[0], m.loadavg_end[0]],
+        };
+        eprintln!(
+            "[{}] connect: {held}/{} held, RSS {} -> {} KiB = {:.2} KiB per session, \
+             {:.0} logins/s, errors {:?}, load {:.2}",
+            s.layout().kind.name(),
+            cli.sessions,
+            rss_start,
+            rss_end,
+            c.rss_per_session_kib,
+            c.login_rate,
+            c.errors,
+            c.loadavg[1]
+        );
+        if held < cli.sessions {
+            bail!(
+                "connect held only {held} of {} sessions (errors {:?})",
+                cli.sessions,
+                rep.errors
+            );
+        }
+        Ok(c)
+    }
+
+    fn chat(&self, s: &Running) -> anyhow::Result<ChatResult> {
+        let cli = self.cli;
+        let name = s.layout().kind.name();
+        let bounds = Bounds {
+            start: cli.start_rate,
+            max: cli.max_rate,
+            min: 10.0,
+            precision: cli.precision,
+            max_steps: 20,
+        };
+        let mut n = 0;
+        let (steps, err) = ramp::search(bounds, |rate| {
+            n += 1;
+            let rep = self.load(
+                s,
+                &format!("chat-{n}"),
+                &[
+                    "chat",
+                    "--pairs",
+                    &cli.pairs.to_string(),
+                    "--msg-rate",
+                    &rate.to_string(),
+                    "--duration",
+                    &cli.step_secs.to_string(),
+                    "--rate",
+                    "500",
+                    "--body-size",
+                    &cli.body_size.to_string(),
+                ],
+            )?;
+            let step = chat_step(&rep, rate, cli.step_secs, cli.p99_ms, cli.pairs);
+            eprintln!(
+                "[{name}] chat {rate:.0}/s: sent {} received {} p50 {:.2} ms p99 {:.2} ms, \
+                 CPU server {:.2} s generator {:.2} s over {:.1} s, load {:.2} -> {}",
+                step.sent,
+                step.received,
+                step.p50_ms,
+                step.p99_ms,
+                step.server_cpu_secs,
+                step.generator_cpu_secs,
+                step.secs,
+                step.loadavg[1],
+                if step.passed {
+                    "sustained".to_owned()
+                } else {
+                    format!("not sustained ({})", step.why)
+                }
+            );
+            settle_short();
+            Ok::<_, anyhow::Error>((step.passed, step))
+        });
+        let best = ramp::best(&steps).map(|s| s.outcome.clone());
+        let result = ChatResult {
+            steps: steps.into_iter().map(|s| s.outcome).collect(),
+            best,
+        };
+        match err {
+            Some(e) if result.best.is_none() => Err(e),
+            _ => Ok(result),
+        }
+    }
+
+    fn storm(&self, s: &Running) -> anyhow::Result<StormResult> {
+        let cli = self.cli;
+        let rep = self.load(
+            s,
+            "login-storm",
+            &[
+                "login-storm",
+                "--rate",
+                "0",
+                "--duration",
+                &cli.storm_secs.to_string(),
+                "--users",
+                &cli.storm_users.to_string(),
+                "--max-inflight",
+                &cli.storm_concurrency.to_string(),
+            ],
+        )?;
+        let m = &rep.measured;
+        let st = StormResult {
+            logins_per_sec: rep.login_rate_per_sec,
+            ok: rep.logins_ok,
+            failed: rep.logins_failed,
+            p99_ms: rep.login_latency.p99_ms,
+            server_cpu_secs: m.processes.iter().map(|p| p.cpu_secs).sum(),
+            generator_cpu_secs: m.generator.cpu_secs,
+            secs: m.secs,
+            errors: rep.errors.clone(),
+            loadavg: [m.loadavg_start[0], m.loadavg_end[0]],
+        };
+        eprintln!(
+            "[{}] login-storm: {} ok {} failed, {:.0} logins/s, p99 {:.1} ms, CPU server \
+             {:.2} s generator {:.2} s over {:.1} s, errors {:?}, load {:.2}",
+            s.layout().kind.name(),
+            st.ok,
+            st.failed,
+            st.logins_per_sec,
+            st.p99_ms,
+            st.server_cpu_secs,
+            st.generator_cpu_secs,
+            st.secs,
+            st.errors,
+            st.loadavg[1]
+        );
+        Ok(st)
+    }
+
+    /// Runs starling-load against `s` with the common flags and `args`; its JSON report.
+    fn load(&self, s: &Running, name: &str, args: &[&str]) -> anyhow::Result<Report> {
+        let json = self.exec(s, name, args)?;
+        let text = std::fs::read_to_string(&json)
+            .with_context(|| format!("reading {}", json.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", json.display()))
+    }
+
+    /// Runs starling-load; the path of the JSON report it wrote. Its output goes to
+    /// `NAME.out` in the server's directory, after the command line.
+    fn exec(&self, s: &Running, name: &str, args: &[&str]) -> anyhow::Result<PathBuf> {
+        let cli = self.cli;
+        let l = s.layout();
+        let addr = if cli.tls == "direct" {
+            l.direct_tls
+        } else {
+            l.starttls
+        };
+        let json = l.dir.join(format!("{name}.json"));
+        let mut cmd = Command::new(self.load_bin);
+        cmd.arg("--server")
+            .arg(addr.to_string())
+            .arg("--domain")
+            .arg(&l.domain)
+            .arg("--tls")
+            .arg(&cli.tls)
+            .arg("--ca")
+            .arg(self.ca)
+            .arg("--source")
+            .arg(&cli.source)
+            .arg("--mechanism")
+            .arg(&cli.mechanism)
+            .arg("--timeout")
+            .arg("60")
+            .arg("--quiet")
+            .arg("--json")
+            .arg(&json);
+        for pid in &s.measured {
+            cmd.arg("--watch-pid").arg(pid.to_string());
+        }
+        if let Some(n) = cli.load_threads {
+            cmd.arg("--threads").arg(n.to_string());
+        }
+        cmd.args(args);
+        let line = format!("{cmd:?}");
+        if cli.verbose {
+            eprintln!("+ {line}");
+        }
+        let out = cmd
+            .output()
+            .with_context(|| format!("running {}", self.load_bin.display()))?;
+        let log = l.dir.join(format!("{name}.out"));
+        let mut text = format!("{line}\n\n").into_bytes();
+        text.extend_from_slice(&out.stdout);
+        text.extend_from_slice(&out.stderr);
+        let _ = std::fs::write(&log, text);
+        if !out.status.success() {
+            bail!(
+                "{name} against {} failed ({}): {}\nserver log:\n{}",
+                l.kind.name(),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim(),
+                servers::tail(&l.log_path(), 20)
+            );
+        }
+        Ok(json)
+    }
+}
+
+/// Judges one chat step: sustained when every login worked, the generator offered at least
+/// 95% of the rate, every message arrived, nothing else went wrong, and p99 is in bound.
+fn chat_step(rep: &Report, rate: f64, secs: f64, p99_ms: f64, pairs: u64) -> ChatStep {
+    let m = &rep.measured;
+    let mut why = Vec::new();
+    if rep.logins_ok < pairs * 2 {
+        why.push(format!("{} of {} logins", rep.logins_ok, pairs * 2));
+    }
+    let offered = rate * secs;
+    if (rep.sent as f64) < offered * 0.95 {
+        why.push(format!(
+            "only {:.0}% of the rate offered",
+            rep.sent as f64 * 100.0 / offered.max(1.0)
+        ));
+    }
+    if rep.received < rep.sent {
+        why.push(format!("{} lost", rep.sent - rep.received));
+    }
+    let others: Vec<String> = rep
+        .errors
+        .iter()
+        .filter(|(k, _)| k.as_str() != "message-lost")
+        .map(|(k, v)| format!("{k} x{v}"))
+        .collect();
+    if !others.is_empty() {
+        why.push(format!("errors {}", others.join(", ")));
+    }
+    if rep.e2e_latency.p99_ms > p99_ms {
+        why.push(format!(
+            "p99 {:.1} ms > {p99_ms} ms",
+            rep.e2e_latency.p99_ms
+        ));
+    }
+    ChatStep {
+        rate,
+        passed: why.is_empty(),
+        why: why.join("; "),
+        sent: rep.sent,
+        received: rep.received,
+        p50_ms: rep.e2e_latency.p50_ms,
+        p99_ms: rep.e2e_latency.p99_ms,
+        secs: m.secs,
+        server_cpu_secs: m.processes.iter().map(|p| p.cpu_secs).sum(),
+        generator_cpu_secs: m.generator.cpu_secs,
+        loadavg: [m.loadavg_start[0], m.loadavg_end[0]],
+    }
+}
+
+fn describe(s: &Running) -> String {
+    s.measured
+        .iter()
+        .map(|&p| {
+            let name = starling_benches::procfs::Proc::Pid(p)
+                .name()
+                .unwrap_or_default();
+            format!("{name} (pid {p})")
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+        + " (RSS from /proc/PID/status VmRSS, CPU from /proc/PID/stat utime+stime)"
+}
+
+fn loadavg_text() -> String {
+    starling_benches::procfs::loadavg()
+        .map(|l| format!("{:.2} {:.2} {:.2}", l[0], l[1], l[2]))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Lets the server finish closing sessions and collect garbage before the next phase.
+fn settle() {
+    std::thread::sleep(Duration::from_secs(5));
+}
+
+fn settle_short() {
+    std::thread::sleep(Duration::from_secs(2));
+}
+
+fn set_mode(path: &Path, mode: u32) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .with_context(|| format!("chmod {}", path.display()))
+}
+
+/// A self-signed ECDSA P-256 certificate for `domain`, shared by every server of the run:
+/// (certificate PEM, PKCS#8 key PEM).
+fn certificate(domain: &str) -> anyhow::Result<(String, String)> {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .context("generating the key")?;
+    let mut params =
+        rcgen::CertificateParams::new(vec![domain.to_owned()]).context("certificate names")?;
+    let mut name = rcgen::DistinguishedName::new();
+    name.push(rcgen::DnType::CommonName, domain);
+    params.distinguished_name = name;
+    // Valid from yesterday for 30 days: ejabberd arms a timer for the expiry and fails to
+    // start when it lies beyond what an Erlang timer holds (rcgen's default is year 4096).
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::days(1);
+    params.not_after = now + time::Duration::days(30);
+    let cert = params
+        .self_signed(&key)
+        .context("signing the certificate")?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
