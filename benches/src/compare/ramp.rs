@@ -30,64 +30,96 @@ pub struct Bounds {
     pub max_steps: usize,
 }
 
-/// Runs the search; `run(rate)` returns whether the rate passed and what it measured. An
+/// The search as a state machine, so that several servers' searches can be stepped in turn
+/// (each step of one server run right after the same stage of the others, under the same
+/// conditions of the machine): ask [`Search::next_rate`], run it, [`Search::record`] it.
+#[derive(Debug, Clone)]
+pub struct Search<T> {
+    bounds: Bounds,
+    lo: Option<f64>,
+    hi: Option<f64>,
+    next: Option<f64>,
+    steps: Vec<Step<T>>,
+}
+
+impl<T> Search<T> {
+    /// A search that starts at `bounds.start`.
+    pub fn new(bounds: Bounds) -> Self {
+        Search {
+            bounds,
+            lo: None,
+            hi: None,
+            next: Some(bounds.start.max(1.0)),
+            steps: Vec::new(),
+        }
+    }
+
+    /// The rate to try next, or `None` when the search is over.
+    pub fn next_rate(&self) -> Option<f64> {
+        self.next
+    }
+
+    /// Records the outcome of the step at [`Search::next_rate`] and chooses the next rate:
+    /// doubling while steps pass and no step failed yet, halving while the first steps fail,
+    /// then bisection between the highest pass and the lowest failure.
+    pub fn record(&mut self, passed: bool, outcome: T) {
+        let Some(rate) = self.next.take() else {
+            return;
+        };
+        self.steps.push(Step {
+            rate,
+            passed,
+            outcome,
+        });
+        if passed {
+            self.lo = Some(self.lo.map_or(rate, |l| l.max(rate)));
+        } else {
+            self.hi = Some(self.hi.map_or(rate, |h| h.min(rate)));
+        }
+        if self.steps.len() >= self.bounds.max_steps {
+            return;
+        }
+        self.next = match (self.lo, self.hi) {
+            (Some(l), None) if l < self.bounds.max => Some((l * 2.0).min(self.bounds.max)),
+            (Some(_), None) => None,
+            (None, Some(h)) => Some(h / 2.0).filter(|r| *r >= self.bounds.min),
+            (Some(l), Some(h)) if h > l * (1.0 + self.bounds.precision) => {
+                Some(round_rate((l + h) / 2.0)).filter(|m| *m > l && *m < h)
+            }
+            _ => None,
+        };
+    }
+
+    /// Ends the search (e.g. after an error).
+    pub fn stop(&mut self) {
+        self.next = None;
+    }
+
+    /// The steps so far, in the order run.
+    pub fn steps(&self) -> &[Step<T>] {
+        &self.steps
+    }
+
+    /// The steps, consumed.
+    pub fn into_steps(self) -> Vec<Step<T>> {
+        self.steps
+    }
+}
+
+/// Runs a whole search; `run(rate)` returns whether the rate passed and what it measured. An
 /// `Err` from `run` ends the search and is returned with the steps so far.
 pub fn search<T, E>(
     bounds: Bounds,
     mut run: impl FnMut(f64) -> Result<(bool, T), E>,
 ) -> (Vec<Step<T>>, Option<E>) {
-    let mut steps: Vec<Step<T>> = Vec::new();
-    let mut try_rate = |rate: f64, steps: &mut Vec<Step<T>>| -> Result<bool, E> {
-        let (passed, outcome) = run(rate)?;
-        steps.push(Step {
-            rate,
-            passed,
-            outcome,
-        });
-        Ok(passed)
-    };
-    let mut lo: Option<f64> = None;
-    let mut hi: Option<f64> = None;
-    let mut rate = bounds.start.max(1.0);
-    // Upward (or downward, while the start fails) until a pass and a failure bracket it.
-    while steps.len() < bounds.max_steps {
-        match try_rate(rate, &mut steps) {
-            Err(e) => return (steps, Some(e)),
-            Ok(true) => {
-                lo = Some(rate);
-                if hi.is_some() || rate >= bounds.max {
-                    break;
-                }
-                rate = (rate * 2.0).min(bounds.max);
-            }
-            Ok(false) => {
-                hi = Some(rate);
-                if lo.is_some() {
-                    break;
-                }
-                rate /= 2.0;
-                if rate < bounds.min {
-                    return (steps, None);
-                }
-            }
+    let mut s = Search::new(bounds);
+    while let Some(rate) = s.next_rate() {
+        match run(rate) {
+            Ok((passed, outcome)) => s.record(passed, outcome),
+            Err(e) => return (s.into_steps(), Some(e)),
         }
     }
-    // Bisect.
-    while let (Some(l), Some(h)) = (lo, hi) {
-        if h <= l * (1.0 + bounds.precision) || steps.len() >= bounds.max_steps {
-            break;
-        }
-        let mid = round_rate((l + h) / 2.0);
-        if mid <= l || mid >= h {
-            break;
-        }
-        match try_rate(mid, &mut steps) {
-            Err(e) => return (steps, Some(e)),
-            Ok(true) => lo = Some(mid),
-            Ok(false) => hi = Some(mid),
-        }
-    }
-    (steps, None)
+    (s.into_steps(), None)
 }
 
 /// The passing step with the highest rate.

@@ -8,10 +8,12 @@
 //!
 //! Starling is our binary, run as the calling user. Prosody and ejabberd are Debian's
 //! packages, run as their packages' system users (`prosody`, `ejabberd`) from the private
-//! directory, never as the system services: Prosody through `setpriv`, ejabberd through
-//! `ejabberdctl` (which switches to its user itself). ejabberd's Erlang distribution listens
-//! on a fixed loopback port (`ERL_DIST_PORT`), so no `epmd` daemon is started, and its cookie
-//! is given on the command line, so nothing is written to the `ejabberd` user's home.
+//! directory, never as the system services, through `setpriv` (which keeps the open-file
+//! limit; ejabberd started by `ejabberdctl` as root, which uses `su`, gets PAM's default
+//! limit and refuses connections past about two thousand). ejabberd's Erlang distribution
+//! listens on a fixed loopback port (`ERL_DIST_PORT`), so no `epmd` daemon is started, and
+//! its cookie is given on the command line, so nothing is written to the `ejabberd` user's
+//! home.
 
 use std::fmt::Write as _;
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -232,28 +234,23 @@ pub fn prosody_cfg(l: &Layout) -> String {
 /// user beyond a generous one.
 pub fn ejabberd_yml(l: &Layout) -> String {
     let q = |path: &Path| format!("'{}'", path.display().to_string().replace('\'', "''"));
+    // The two C2S listeners differ only in how TLS starts.
+    let listener = |addr: SocketAddr, tls: &str| {
+        format!(
+            "  -\n    port: {}\n    ip: '{}'\n    module: ejabberd_c2s\n    {tls}\n    \
+             max_stanza_size: 262144\n    backlog: {BACKLOG}\n    access: c2s\n",
+            addr.port(),
+            addr.ip()
+        )
+    };
     format!(
         "# Written by starling-compare.\n\
          hosts:\n  - '{domain}'\n\
          loglevel: warning\n\
          certfiles:\n  - {cert}\n  - {key}\n\
          listen:\n\
-         \x20 -\n\
-         \x20   port: {starttls}\n\
-         \x20   ip: '{ip}'\n\
-         \x20   module: ejabberd_c2s\n\
-         \x20   starttls_required: true\n\
-         \x20   max_stanza_size: 262144\n\
-         \x20   backlog: {BACKLOG}\n\
-         \x20   access: c2s\n\
-         \x20 -\n\
-         \x20   port: {direct}\n\
-         \x20   ip: '{ip}'\n\
-         \x20   module: ejabberd_c2s\n\
-         \x20   tls: true\n\
-         \x20   max_stanza_size: 262144\n\
-         \x20   backlog: {BACKLOG}\n\
-         \x20   access: c2s\n\
+         {starttls}\
+         {direct}\
          auth_method: internal\n\
          auth_password_format: scram\n\
          auth_scram_hash: sha256\n\
@@ -277,9 +274,8 @@ pub fn ejabberd_yml(l: &Layout) -> String {
         domain = l.domain,
         cert = q(&l.cert),
         key = q(&l.key),
-        ip = l.starttls.ip(),
-        starttls = l.starttls.port(),
-        direct = l.direct_tls.port(),
+        starttls = listener(l.starttls, "starttls_required: true"),
+        direct = listener(l.direct_tls, "tls: true"),
     )
 }
 
@@ -309,6 +305,33 @@ pub fn ejabberdctl_cfg(l: &Layout, cookie: &str) -> String {
 /// The resolver settings ejabberd reads (`ERL_INETRC`, in its configuration directory):
 /// the hosts file, then the system's resolver.
 pub const EJABBERD_INETRC: &str = "{lookup, [file, native]}.\n";
+
+/// Pids of the processes this run started and has not stopped yet (servers and their
+/// measured processes), for [`kill_all_started`] when the run is interrupted.
+static STARTED: std::sync::Mutex<Vec<u32>> = std::sync::Mutex::new(Vec::new());
+
+/// Records a started process for [`kill_all_started`].
+pub fn track(pid: u32) {
+    if let Ok(mut v) = STARTED.lock() {
+        v.push(pid);
+    }
+}
+
+/// Forgets a process that ended.
+pub fn untrack(pid: u32) {
+    if let Ok(mut v) = STARTED.lock() {
+        v.retain(|&p| p != pid);
+    }
+}
+
+/// Sends SIGKILL to every tracked process (on SIGINT or SIGTERM of the run).
+pub fn kill_all_started() {
+    if let Ok(v) = STARTED.lock() {
+        for &p in v.iter() {
+            signal(p, Signal::KILL);
+        }
+    }
+}
 
 /// A started server.
 #[derive(Debug)]
@@ -393,6 +416,7 @@ pub fn start(l: &Layout, starling_bin: &Path, timeout: Duration) -> anyhow::Resu
     let child = cmd
         .spawn()
         .with_context(|| format!("starting {}", l.kind.name()))?;
+    track(child.id());
     let mut running = Running {
         layout: l.clone(),
         child,
@@ -439,21 +463,36 @@ pub fn start(l: &Layout, starling_bin: &Path, timeout: Duration) -> anyhow::Resu
         }
         _ => vec![running.child.id()],
     };
+    for &p in &running.measured {
+        track(p);
+    }
     Ok(running)
 }
 
+/// `ejabberdctl` with the private directory's files, run as the `ejabberd` user through
+/// `setpriv`: run as root, `ejabberdctl` switches user with `su`, whose PAM session applies
+/// the system's default open-file limit (too few for the sessions), where `setpriv` keeps
+/// the limit this run raised.
 fn ejabberdctl(l: &Layout) -> Command {
-    let mut c = Command::new("ejabberdctl");
-    c.arg("--config-dir")
-        .arg(&l.dir)
-        .arg("--config")
-        .arg(l.config_path())
-        .arg("--ctl-config")
-        .arg(l.dir.join("ejabberdctl.cfg"))
-        .arg("--logs")
-        .arg(l.dir.join("logs"))
-        .arg("--spool")
-        .arg(l.dir.join("spool"));
+    let mut c = Command::new("setpriv");
+    c.args([
+        "--reuid=ejabberd",
+        "--regid=ejabberd",
+        "--init-groups",
+        "--",
+        "ejabberdctl",
+    ])
+    .env("HOME", &l.dir)
+    .arg("--config-dir")
+    .arg(&l.dir)
+    .arg("--config")
+    .arg(l.config_path())
+    .arg("--ctl-config")
+    .arg(l.dir.join("ejabberdctl.cfg"))
+    .arg("--logs")
+    .arg(l.dir.join("logs"))
+    .arg("--spool")
+    .arg(l.dir.join("spool"));
     c
 }
 
@@ -512,6 +551,10 @@ impl Running {
             let _ = self.child.kill();
         }
         let _ = self.child.wait();
+        untrack(self.child.id());
+        for &p in &self.measured {
+            untrack(p);
+        }
     }
 }
 

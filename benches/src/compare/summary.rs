@@ -55,6 +55,8 @@ pub struct ChatStep {
     pub generator_cpu_secs: f64,
     /// 1-minute load average at the start and the end.
     pub loadavg: [f64; 2],
+    /// Which try this was (a failed step is run a second time).
+    pub attempt: u32,
 }
 
 impl ChatStep {

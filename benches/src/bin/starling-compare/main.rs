@@ -16,7 +16,7 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use clap::Parser;
 use starling_benches::compare::packages;
-use starling_benches::compare::ramp::{self, Bounds};
+use starling_benches::compare::ramp::{self, Bounds, Search};
 use starling_benches::compare::servers::{self, Kind, Layout, Running};
 use starling_benches::compare::summary::{
     self, ChatResult, ChatStep, ConnectResult, ServerResult, StormResult,
@@ -49,8 +49,9 @@ struct Cli {
     /// connect: idle TLS sessions held.
     #[arg(long, default_value_t = 10_000)]
     sessions: u64,
-    /// connect: logins started per second.
-    #[arg(long, default_value_t = 500.0)]
+    /// connect: logins started per second (low enough for every server to keep up: the
+    /// figure is memory, not login speed).
+    #[arg(long, default_value_t = 200.0)]
     connect_rate: f64,
     /// connect: seconds the sessions are held before the RSS is read.
     #[arg(long, default_value_t = 10.0)]
@@ -98,7 +99,7 @@ struct Cli {
     /// Worker threads of the generator (default: one per core).
     #[arg(long)]
     load_threads: Option<usize>,
-    /// First of the loopback ports used: each server gets four from base + 10 × its index.
+    /// First of the loopback ports used: each server gets three from base + 10 × its index.
     #[arg(long, default_value_t = 25_200)]
     port_base: u16,
     /// Directory for configurations, data, logs and reports (default: a new one in /tmp,
@@ -123,6 +124,11 @@ struct Cli {
     /// Print each starling-load command line.
     #[arg(long)]
     verbose: bool,
+    /// Scheduling priority (nice value) of this run, inherited by the servers and the
+    /// generator, so that other work on the machine disturbs the measurements less. Lowering
+    /// it below 0 needs root; 0 leaves it as it is.
+    #[arg(long, default_value_t = -10, allow_hyphen_values = true)]
+    nice: i32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -132,8 +138,37 @@ enum Scenario {
     Storm,
 }
 
+/// On SIGINT or SIGTERM, kills the servers and the generator this run started, then exits:
+/// nothing of the run outlives it.
+fn stop_everything_on_signal() -> anyhow::Result<()> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .context("signal runtime")?;
+    std::thread::spawn(move || {
+        rt.block_on(async {
+            use tokio::signal::unix::{SignalKind, signal};
+            let (Ok(mut int), Ok(mut term)) = (
+                signal(SignalKind::interrupt()),
+                signal(SignalKind::terminate()),
+            ) else {
+                return;
+            };
+            tokio::select! {
+                _ = int.recv() => {}
+                _ = term.recv() => {}
+            }
+            eprintln!("interrupted: stopping the servers and the generator");
+            servers::kill_all_started();
+            std::process::exit(130);
+        })
+    });
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    stop_everything_on_signal()?;
     let kinds = cli
         .servers
         .iter()
@@ -172,6 +207,18 @@ fn main() -> anyhow::Result<()> {
         }
     }
 
+    let niceness = if cli.nice == 0 {
+        "unchanged".to_owned()
+    } else {
+        let current = rustix::process::getpriority_process(None).unwrap_or(0);
+        match rustix::process::nice(cli.nice - current) {
+            Ok(now) => now.to_string(),
+            Err(e) => {
+                eprintln!("warning: cannot set the nice value to {}: {e}", cli.nice);
+                format!("{current} (setting {} failed)", cli.nice)
+            }
+        }
+    };
     let nofile = limits::raise_nofile();
     let nofile_limit = nofile.limit().min(1 << 20);
     let needed = cli.sessions + 64;
@@ -219,7 +266,7 @@ fn main() -> anyhow::Result<()> {
 
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     eprintln!(
-        "starling-compare: {} on {cores} cores; load average {}; working in {}",
+        "starling-compare: {} on {cores} cores; load average {}; nice {niceness}; working in {}",
         kinds
             .iter()
             .map(|k| k.name())
@@ -228,7 +275,7 @@ fn main() -> anyhow::Result<()> {
         loadavg_text(),
         work.display()
     );
-    let mut results = Vec::new();
+    let mut targets = Vec::new();
     for (i, &kind) in kinds.iter().enumerate() {
         let base = cli.port_base.saturating_add(10 * i as u16);
         let dir = work.join(kind.name());
@@ -237,25 +284,30 @@ fn main() -> anyhow::Result<()> {
         std::fs::write(dir.join("key.pem"), &key_pem)?;
         set_mode(&dir.join("key.pem"), 0o600)?;
         let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
-        let layout = Layout {
-            kind,
-            dir: dir.clone(),
-            domain: "localhost".to_owned(),
-            starttls: SocketAddr::new(ip, base),
-            direct_tls: SocketAddr::new(ip, base + 1),
-            aux: SocketAddr::new(ip, base + 2),
-            cert: dir.join("cert.pem"),
-            key: dir.join("key.pem"),
-            nofile: nofile_limit,
-        };
-        let run = Run {
-            cli: &cli,
-            load_bin: &load_bin,
-            ca: &ca,
-        };
-        let result = run.server(&layout, &starling_bin, &scenarios);
-        results.push(result);
+        targets.push(Target {
+            layout: Layout {
+                kind,
+                dir: dir.clone(),
+                domain: "localhost".to_owned(),
+                starttls: SocketAddr::new(ip, base),
+                direct_tls: SocketAddr::new(ip, base + 1),
+                aux: SocketAddr::new(ip, base + 2),
+                cert: dir.join("cert.pem"),
+                key: dir.join("key.pem"),
+                nofile: nofile_limit,
+            },
+            result: ServerResult::new(kind),
+            usable: true,
+        });
     }
+    let run = Run {
+        cli: &cli,
+        load_bin: &load_bin,
+        ca: &ca,
+        starling_bin: &starling_bin,
+    };
+    run.all(&mut targets, &scenarios);
+    let results: Vec<ServerResult> = targets.into_iter().map(|t| t.result).collect();
 
     let mut out = std::io::stdout().lock();
     writeln!(out)?;
@@ -263,7 +315,9 @@ fn main() -> anyhow::Result<()> {
         out,
         "{} on this machine ({cores} cores), one run, servers measured back to back; \
          connect {} sessions over {} with {}, chat {} pairs with {}-byte bodies to full JIDs \
-         ({} s steps, p99 <= {} ms, nothing lost), login-storm {} in flight for {} s",
+         ({} s steps, p99 <= {} ms, nothing lost), login-storm {} in flight for {} s; \
+         a fresh server process for each scenario, chat and login-storm stepped through the \
+         servers in turn; nice {niceness}",
         kinds
             .iter()
             .map(|k| k.name())
@@ -304,18 +358,75 @@ fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// One server of the run: where it lives and what was found.
+struct Target {
+    layout: Layout,
+    result: ServerResult,
+    /// False once it failed to start or to take its accounts: later phases skip it.
+    usable: bool,
+}
+
 struct Run<'a> {
     cli: &'a Cli,
     load_bin: &'a Path,
     ca: &'a Path,
+    starling_bin: &'a Path,
 }
 
 impl Run<'_> {
-    fn server(&self, l: &Layout, starling_bin: &Path, scenarios: &[Scenario]) -> ServerResult {
-        let mut r = ServerResult::new(l.kind);
-        r.version = match l.kind.package() {
+    /// Runs every phase. Accounts and `connect` go server by server (memory does not depend
+    /// on what else runs); `chat` and `login-storm` have all servers up at once and step
+    /// through them in turn, so that each stage of one server is measured right beside the
+    /// same stage of the others, under the same conditions of the shared machine.
+    fn all(&self, targets: &mut [Target], scenarios: &[Scenario]) {
+        for t in targets.iter_mut() {
+            t.result.version = self.version(t.layout.kind);
+            eprintln!("[{}] {}", t.layout.kind.name(), t.result.version);
+            if let Some(mut s) = self.start(t) {
+                let registered = self.register(&s);
+                s.stop();
+                if let Err(e) = registered {
+                    t.result.problems.push(format!("{e:#}"));
+                    t.usable = false;
+                }
+            }
+        }
+        if scenarios.contains(&Scenario::Connect) {
+            for t in targets.iter_mut().filter(|t| t.usable) {
+                if let Some(mut s) = self.start(t) {
+                    settle();
+                    let outcome = self.connect(&s);
+                    s.stop();
+                    match outcome {
+                        Ok(c) => t.result.connect = Some(c),
+                        Err(e) => t.result.problems.push(format!("{e:#}")),
+                    }
+                }
+            }
+        }
+        if scenarios.contains(&Scenario::Chat) {
+            self.chat_all(targets);
+        }
+        if scenarios.contains(&Scenario::Storm) {
+            let mut up = self.start_all(targets);
+            settle();
+            for (i, s) in &mut up {
+                match self.storm(s) {
+                    Ok(st) => targets[*i].result.storm = Some(st),
+                    Err(e) => targets[*i].result.problems.push(format!("{e:#}")),
+                }
+                settle_short();
+            }
+            for (_, s) in &mut up {
+                s.stop();
+            }
+        }
+    }
+
+    fn version(&self, kind: Kind) -> String {
+        match kind.package() {
             Some(p) => packages::installed_version(p).unwrap_or_default(),
-            None => Command::new(starling_bin)
+            None => Command::new(self.starling_bin)
                 .arg("--version")
                 .output()
                 .map(|o| {
@@ -323,37 +434,145 @@ impl Run<'_> {
                     v.split_whitespace().last().unwrap_or("").to_owned()
                 })
                 .unwrap_or_default(),
-        };
-        eprintln!(
-            "[{}] starting {} {}",
-            l.kind.name(),
-            l.kind.name(),
-            r.version
-        );
-        let mut running = match servers::start(l, starling_bin, Duration::from_secs(90)) {
-            Ok(s) => s,
-            Err(e) => {
-                r.problems.push(format!("start: {e:#}"));
-                return r;
-            }
-        };
-        r.processes = describe(&running);
-        if let Err(e) = self.scenarios(&running, scenarios, &mut r) {
-            r.problems.push(format!("{e:#}"));
         }
-        running.stop();
-        eprintln!("[{}] stopped", l.kind.name());
-        r
     }
 
-    fn scenarios(
-        &self,
-        s: &Running,
-        scenarios: &[Scenario],
-        r: &mut ServerResult,
-    ) -> anyhow::Result<()> {
+    /// Starts a fresh server process for `t` over its data; a failure is a problem of `t`
+    /// and makes it unusable.
+    fn start(&self, t: &mut Target) -> Option<Running> {
+        match servers::start(&t.layout, self.starling_bin, Duration::from_secs(90)) {
+            Ok(s) => {
+                if t.result.processes.is_empty() {
+                    t.result.processes = describe(&s);
+                }
+                Some(s)
+            }
+            Err(e) => {
+                t.result.problems.push(format!("start: {e:#}"));
+                t.usable = false;
+                None
+            }
+        }
+    }
+
+    /// Starts every usable server: (index in `targets`, process).
+    fn start_all(&self, targets: &mut [Target]) -> Vec<(usize, Running)> {
+        let mut up = Vec::new();
+        for (i, t) in targets.iter_mut().enumerate() {
+            if t.usable
+                && let Some(s) = self.start(t)
+            {
+                up.push((i, s));
+            }
+        }
+        up
+    }
+
+    /// The chat ramps of all servers, stepped in turn: the first step of each, then the
+    /// second of each, and so on; each server's search goes its own way.
+    fn chat_all(&self, targets: &mut [Target]) {
         let cli = self.cli;
-        let l = s.layout();
+        let bounds = Bounds {
+            start: cli.start_rate,
+            max: cli.max_rate,
+            min: 10.0,
+            precision: cli.precision,
+            max_steps: 20,
+        };
+        let mut up: Vec<(usize, Running, Search<ChatStep>)> = self
+            .start_all(targets)
+            .into_iter()
+            .map(|(i, s)| (i, s, Search::new(bounds)))
+            .collect();
+        settle();
+        loop {
+            let mut ran = false;
+            for (i, s, search) in &mut up {
+                let Some(rate) = search.next_rate() else {
+                    continue;
+                };
+                ran = true;
+                match self.chat_step(s, rate, search.steps().len() + 1) {
+                    Ok(step) => search.record(step.passed, step),
+                    Err(e) => {
+                        targets[*i]
+                            .result
+                            .problems
+                            .push(format!("the chat ramp stopped: {e:#}"));
+                        search.stop();
+                    }
+                }
+            }
+            if !ran {
+                break;
+            }
+        }
+        for (i, mut s, search) in up {
+            s.stop();
+            let best = ramp::best(search.steps()).map(|s| s.outcome.clone());
+            targets[i].result.chat = Some(ChatResult {
+                steps: search.into_steps().into_iter().map(|s| s.outcome).collect(),
+                best,
+            });
+        }
+    }
+
+    /// One chat step at `rate`. A step that fails is run once more before it counts as
+    /// failed: the machine is shared, and a burst of other work only ever adds latency.
+    /// Every server gets the same second chance.
+    fn chat_step(&self, s: &Running, rate: f64, number: usize) -> anyhow::Result<ChatStep> {
+        let cli = self.cli;
+        let name = s.layout().kind.name();
+        let mut step = ChatStep::default();
+        for attempt in 1..=2 {
+            let rep = self.load(
+                s,
+                &format!("chat-{number}-{attempt}"),
+                &[
+                    "chat",
+                    "--pairs",
+                    &cli.pairs.to_string(),
+                    "--msg-rate",
+                    &rate.to_string(),
+                    "--duration",
+                    &cli.step_secs.to_string(),
+                    "--rate",
+                    "500",
+                    "--body-size",
+                    &cli.body_size.to_string(),
+                ],
+            )?;
+            step = chat_step(&rep, rate, cli.step_secs, cli.p99_ms, cli.pairs);
+            step.attempt = attempt;
+            eprintln!(
+                "[{name}] chat {rate:.0}/s (try {attempt}): sent {} received {} p50 {:.2} ms \
+                 p99 {:.2} ms, CPU server {:.2} s generator {:.2} s over {:.1} s, load \
+                 {:.2} -> {}",
+                step.sent,
+                step.received,
+                step.p50_ms,
+                step.p99_ms,
+                step.server_cpu_secs,
+                step.generator_cpu_secs,
+                step.secs,
+                step.loadavg[1],
+                if step.passed {
+                    "sustained".to_owned()
+                } else {
+                    format!("not sustained ({})", step.why)
+                }
+            );
+            settle_short();
+            if step.passed {
+                break;
+            }
+        }
+        Ok(step)
+    }
+
+    /// Creates every account the scenarios use (XEP-0077).
+    fn register(&self, s: &Running) -> anyhow::Result<()> {
+        let cli = self.cli;
         let users = cli.sessions.max(cli.pairs * 2).max(cli.storm_users).max(1);
         let t = std::time::Instant::now();
         self.exec(
@@ -370,21 +589,9 @@ impl Run<'_> {
         )?;
         eprintln!(
             "[{}] {users} accounts registered in {:.1} s",
-            l.kind.name(),
+            s.layout().kind.name(),
             t.elapsed().as_secs_f64()
         );
-        settle();
-        for &sc in scenarios {
-            let outcome = match sc {
-                Scenario::Connect => self.connect(s).map(|c| r.connect = Some(c)),
-                Scenario::Chat => self.chat(s).map(|c| r.chat = Some(c)),
-                Scenario::Storm => self.storm(s).map(|c| r.storm = Some(c)),
-            };
-            if let Err(e) = outcome {
-                r.problems.push(format!("{e:#}"));
-            }
-            settle();
-        }
         Ok(())
     }
 
@@ -441,68 +648,6 @@ impl Run<'_> {
             );
         }
         Ok(c)
-    }
-
-    fn chat(&self, s: &Running) -> anyhow::Result<ChatResult> {
-        let cli = self.cli;
-        let name = s.layout().kind.name();
-        let bounds = Bounds {
-            start: cli.start_rate,
-            max: cli.max_rate,
-            min: 10.0,
-            precision: cli.precision,
-            max_steps: 20,
-        };
-        let mut n = 0;
-        let (steps, err) = ramp::search(bounds, |rate| {
-            n += 1;
-            let rep = self.load(
-                s,
-                &format!("chat-{n}"),
-                &[
-                    "chat",
-                    "--pairs",
-                    &cli.pairs.to_string(),
-                    "--msg-rate",
-                    &rate.to_string(),
-                    "--duration",
-                    &cli.step_secs.to_string(),
-                    "--rate",
-                    "500",
-                    "--body-size",
-                    &cli.body_size.to_string(),
-                ],
-            )?;
-            let step = chat_step(&rep, rate, cli.step_secs, cli.p99_ms, cli.pairs);
-            eprintln!(
-                "[{name}] chat {rate:.0}/s: sent {} received {} p50 {:.2} ms p99 {:.2} ms, \
-                 CPU server {:.2} s generator {:.2} s over {:.1} s, load {:.2} -> {}",
-                step.sent,
-                step.received,
-                step.p50_ms,
-                step.p99_ms,
-                step.server_cpu_secs,
-                step.generator_cpu_secs,
-                step.secs,
-                step.loadavg[1],
-                if step.passed {
-                    "sustained".to_owned()
-                } else {
-                    format!("not sustained ({})", step.why)
-                }
-            );
-            settle_short();
-            Ok::<_, anyhow::Error>((step.passed, step))
-        });
-        let best = ramp::best(&steps).map(|s| s.outcome.clone());
-        let result = ChatResult {
-            steps: steps.into_iter().map(|s| s.outcome).collect(),
-            best,
-        };
-        match err {
-            Some(e) if result.best.is_none() => Err(e),
-            _ => Ok(result),
-        }
     }
 
     fn storm(&self, s: &Running) -> anyhow::Result<StormResult> {
@@ -599,9 +744,16 @@ impl Run<'_> {
         if cli.verbose {
             eprintln!("+ {line}");
         }
-        let out = cmd
-            .output()
+        let child = cmd
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
             .with_context(|| format!("running {}", self.load_bin.display()))?;
+        let pid = child.id();
+        servers::track(pid);
+        let out = child.wait_with_output();
+        servers::untrack(pid);
+        let out = out.with_context(|| format!("running {}", self.load_bin.display()))?;
         let log = l.dir.join(format!("{name}.out"));
         let mut text = format!("{line}\n\n").into_bytes();
         text.extend_from_slice(&out.stdout);
@@ -665,6 +817,7 @@ fn chat_step(rep: &Report, rate: f64, secs: f64, p99_ms: f64, pairs: u64) -> Cha
         server_cpu_secs: m.processes.iter().map(|p| p.cpu_secs).sum(),
         generator_cpu_secs: m.generator.cpu_secs,
         loadavg: [m.loadavg_start[0], m.loadavg_end[0]],
+        attempt: 1,
     }
 }
 
