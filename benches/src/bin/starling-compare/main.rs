@@ -542,7 +542,7 @@ impl Run<'_> {
                     &cli.body_size.to_string(),
                 ],
             )?;
-            step = chat_step(&rep, rate, cli.step_secs, cli.p99_ms, cli.pairs);
+            step = judge_chat_step(&rep, rate, cli.step_secs, cli.p99_ms, cli.pairs);
             step.attempt = attempt;
             eprintln!(
                 "[{name}] chat {rate:.0}/s (try {attempt}): sent {} received {} p50 {:.2} ms \
@@ -774,7 +774,7 @@ impl Run<'_> {
 
 /// Judges one chat step: sustained when every login worked, the generator offered at least
 /// 95% of the rate, every message arrived, nothing else went wrong, and p99 is in bound.
-fn chat_step(rep: &Report, rate: f64, secs: f64, p99_ms: f64, pairs: u64) -> ChatStep {
+fn judge_chat_step(rep: &Report, rate: f64, secs: f64, p99_ms: f64, pairs: u64) -> ChatStep {
     let m = &rep.measured;
     let mut why = Vec::new();
     if rep.logins_ok < pairs * 2 {
@@ -875,4 +875,66 @@ fn certificate(domain: &str) -> anyhow::Result<(String, String)> {
         .self_signed(&key)
         .context("signing the certificate")?;
     Ok((cert.pem(), key.serialize_pem()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report(sent: u64, received: u64, p99: f64, errors: serde_json::Value) -> Report {
+        let latency = serde_json::json!({ "count": received, "mean_ms": 1.0, "p50_ms": 1.0,
+            "p90_ms": 1.0, "p99_ms": p99, "p999_ms": p99, "max_ms": p99 });
+        serde_json::from_value(serde_json::json!({
+            "scenario": "chat", "server": "127.0.0.1:1", "tls": "starttls",
+            "mechanism": "SCRAM-SHA-256", "nofile_limit": 1, "duration_secs": 10.0,
+            "target": 4, "logins_ok": 4, "logins_failed": 0, "sessions_held": 0,
+            "login_rate_per_sec": 1.0, "login_latency": latency, "sent": sent,
+            "received": received, "receive_rate_per_sec": 1.0,
+            "e2e_latency": latency,
+            "errors": errors,
+            "measured": { "secs": 10.0, "processes": [{ "pid": 1, "name": "s",
+                "rss_start_kib": 1, "rss_end_kib": 2, "cpu_secs": 3.0 }],
+                "generator": { "pid": 2, "name": "g", "rss_start_kib": 1,
+                "rss_end_kib": 2, "cpu_secs": 1.5 },
+                "loadavg_start": [1.0, 1.0, 1.0], "loadavg_end": [2.0, 2.0, 2.0] }
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn judges_chat_steps() {
+        let ok = judge_chat_step(
+            &report(1000, 1000, 12.0, serde_json::json!({})),
+            100.0,
+            10.0,
+            50.0,
+            2,
+        );
+        assert!(ok.passed, "{}", ok.why);
+        assert_eq!(ok.server_cpu_secs, 3.0);
+        assert_eq!(ok.loadavg, [1.0, 2.0]);
+        let slow = judge_chat_step(
+            &report(1000, 1000, 80.0, serde_json::json!({})),
+            100.0,
+            10.0,
+            50.0,
+            2,
+        );
+        assert!(!slow.passed);
+        assert!(slow.why.contains("p99 80.0 ms"), "{}", slow.why);
+        let short = judge_chat_step(
+            &report(900, 890, 1.0, serde_json::json!({"message-lost": 10})),
+            100.0,
+            10.0,
+            50.0,
+            2,
+        );
+        assert!(short.why.contains("only 90%"), "{}", short.why);
+        assert!(short.why.contains("10 lost"), "{}", short.why);
+        assert!(
+            !short.why.contains("errors"),
+            "message-lost is counted once: {}",
+            short.why
+        );
+    }
 }
