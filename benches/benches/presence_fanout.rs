@@ -8,72 +8,18 @@
 //! count, so the time is the router's plus the edge's per-recipient write work, without
 //! sockets.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+mod support;
 
-use async_trait::async_trait;
-use bytes::Bytes;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use starling_cluster::{EdgeLink, Edges, LinkError, ToEdge, ToRouter};
-use starling_registry::{LocalRegistry, SessionRecord, SessionRegistry};
-use starling_router::{Router, RouterDeps, Settings};
-use starling_store::{BareUser, RedbStore, RosterItem, Store};
-use starling_xml::Element;
+use starling_cluster::ToRouter;
+use starling_store::RosterItem;
+use support::{Counters, DOMAIN, World, credentials, full, runtime, stanza};
 use tokio_util::sync::CancellationToken;
 
 const CONTACTS: usize = 1000;
-const DOMAIN: &str = "example.org";
-
-/// What the edges received, summed over all of them.
-#[derive(Default)]
-struct Counters {
-    /// `Deliver` messages on the router → edge links.
-    messages: AtomicU64,
-    /// Payload bytes on those links (each message carries the stanza once).
-    link_bytes: AtomicU64,
-    /// Recipients written to.
-    recipients: AtomicU64,
-    /// Bytes the edges write to client sockets (the stanza with `to` stamped per recipient).
-    socket_bytes: AtomicU64,
-    notify: tokio::sync::Notify,
-}
-
-struct CountingEdge {
-    counters: Arc<Counters>,
-}
-
-#[async_trait]
-impl EdgeLink for CountingEdge {
-    async fn send(&self, msg: ToEdge) -> Result<(), LinkError> {
-        if let ToEdge::Deliver {
-            recipients,
-            stanza,
-            stamp_to,
-        } = msg
-        {
-            let c = &self.counters;
-            c.messages.fetch_add(1, Ordering::Relaxed);
-            c.link_bytes
-                .fetch_add(stanza.raw().len() as u64, Ordering::Relaxed);
-            let mut out = Vec::with_capacity(stanza.raw().len() + 64);
-            let mut written = 0u64;
-            for r in &recipients {
-                out.clear();
-                if stamp_to {
-                    stanza.write_with_addresses(&mut out, Some(r.as_str()), None);
-                } else {
-                    out.extend_from_slice(stanza.raw());
-                }
-                written += out.len() as u64;
-            }
-            c.socket_bytes.fetch_add(written, Ordering::Relaxed);
-            c.recipients
-                .fetch_add(recipients.len() as u64, Ordering::Relaxed);
-            c.notify.notify_one();
-        }
-        Ok(())
-    }
-}
 
 struct Setup {
     rt: tokio::runtime::Runtime,
@@ -84,108 +30,43 @@ struct Setup {
     workers: tokio::task::JoinSet<()>,
 }
 
-fn stanza(xml: &str) -> Element {
-    Element::parse(Bytes::from(xml.to_owned()), "jabber:client").expect("bench stanza parses")
+fn both(jid: String) -> RosterItem {
+    RosterItem {
+        jid,
+        name: None,
+        subscription: "both".to_owned(),
+        ask: false,
+        groups: Vec::new(),
+    }
 }
 
 fn setup(edges_count: usize) -> Setup {
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
-        .enable_all()
-        .build()
-        .expect("runtime");
-    let counters = Arc::new(Counters::default());
+    let rt = runtime();
+    let world = World::new(edges_count);
+    let counters = world.counters.clone();
     let (link, user, cancel, workers) = rt.block_on(async {
-        let store: Arc<dyn Store> = Arc::new(RedbStore::open_in_memory().expect("store"));
-        let registry: Arc<dyn SessionRegistry> = Arc::new(LocalRegistry::new(8));
-        let edges = Arc::new(Edges::new());
-        for e in 0..edges_count {
-            edges.insert(
-                Arc::from(format!("edge-{e}")),
-                Arc::new(CountingEdge {
-                    counters: counters.clone(),
-                }),
-            );
-        }
-        let creds = starling_sasl::derive_credentials(
-            starling_sasl::HashAlgo::Sha256,
-            "bench",
-            &starling_sasl::new_salt().expect("salt"),
-            4096,
-        )
-        .expect("credentials");
-        let user_bare = BareUser::new(DOMAIN, "user");
-        store
-            .create(&user_bare, vec![creds.clone()])
-            .await
-            .expect("user account");
+        let creds = credentials();
+        let user_bare = world.account("user", &creds).await;
         for i in 0..CONTACTS {
-            let contact = BareUser::new(DOMAIN, format!("contact{i}"));
-            store
-                .create(&contact, vec![creds.clone()])
-                .await
-                .expect("contact account");
-            let both = |jid: String| RosterItem {
-                jid,
-                name: None,
-                subscription: "both".to_owned(),
-                ask: false,
-                groups: Vec::new(),
-            };
-            store
+            let contact = world.account(&format!("contact{i}"), &creds).await;
+            world
+                .store
                 .set_roster_item(&user_bare, both(format!("contact{i}@{DOMAIN}")))
                 .await
                 .expect("roster item");
-            store
+            world
+                .store
                 .set_roster_item(&contact, both(format!("user@{DOMAIN}")))
                 .await
                 .expect("item");
-            let jid = starling_xmpp::jid::parse_full(&format!("contact{i}@{DOMAIN}/device"))
-                .expect("jid");
-            let node: Arc<str> = Arc::from(format!("edge-{}", i % edges_count));
-            registry
-                .bind(SessionRecord::new(
-                    jid.clone(),
-                    node,
-                    Arc::from(format!("s{i}")),
-                ))
-                .await
-                .expect("bind");
-            registry
-                .set_presence(
-                    &jid,
-                    &format!("s{i}"),
-                    0,
-                    Some(Bytes::from_static(b"<presence/>")),
-                )
-                .await
-                .expect("presence");
+            let jid = full(&format!("contact{i}@{DOMAIN}/device"));
+            world
+                .online(&jid, i % edges_count, &format!("s{i}"), Some("<presence/>"))
+                .await;
         }
-        let user = starling_xmpp::jid::parse_full(&format!("user@{DOMAIN}/phone")).expect("jid");
-        registry
-            .bind(SessionRecord::new(
-                user.clone(),
-                Arc::from("edge-0"),
-                Arc::from("su"),
-            ))
-            .await
-            .expect("bind user");
-        let settings = Settings {
-            domains: vec![DOMAIN.to_owned()],
-            ..Settings::default()
-        };
-        let router = Router::new(
-            settings,
-            RouterDeps {
-                store,
-                registry,
-                edges,
-            },
-        )
-        .expect("router");
-        let link = router.link();
-        let cancel = CancellationToken::new();
-        let workers = router.run(cancel.clone());
+        let user = full(&format!("user@{DOMAIN}/phone"));
+        world.online(&user, 0, "su", None).await;
+        let (link, cancel, workers) = world.start();
         link.send(ToRouter::SessionStarted { jid: user.clone() })
             .await
             .expect("started");
@@ -213,13 +94,7 @@ impl Setup {
                 })
                 .await
                 .expect("send");
-            while self.counters.recipients.load(Ordering::Relaxed) < target {
-                let notified = self.counters.notify.notified();
-                if self.counters.recipients.load(Ordering::Relaxed) >= target {
-                    break;
-                }
-                notified.await;
-            }
+            self.counters.wait_recipients(target).await;
         });
     }
 
@@ -237,13 +112,7 @@ impl Setup {
     }
 
     fn snapshot(&self) -> [u64; 4] {
-        let c = &self.counters;
-        [
-            c.messages.load(Ordering::Relaxed),
-            c.link_bytes.load(Ordering::Relaxed),
-            c.recipients.load(Ordering::Relaxed),
-            c.socket_bytes.load(Ordering::Relaxed),
-        ]
+        self.counters.snapshot()
     }
 }
 

@@ -1,6 +1,7 @@
 //! `starling-load` against a real `starling serve` started by the test (through
-//! `starling-testkit`): registration, `connect`, `chat`, `login-storm` and the `presence`
-//! capability check. Assertions are on counts and errors, never on timings.
+//! `starling-testkit`): registration, `connect`, `chat` (with the server's process watched),
+//! `login-storm` paced and closed-loop, and `presence`. Assertions are on counts and errors,
+//! never on timings.
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -129,11 +130,15 @@ fn scenarios_against_starling() {
         String::from_utf8_lossy(&again.stderr)
     );
 
-    // 10 pairs at 200 messages/s for 2 s: every message sent arrives, each one measured.
+    // 10 pairs at 200 messages/s for 2 s: every message sent arrives, each one measured;
+    // the server's RSS and CPU time are read over the phase.
+    let pid = server.pid().expect("the server runs").to_string();
     let chat = load.report(
         "chat",
         false,
         &[
+            "--watch-pid",
+            &pid,
             "chat",
             "--pairs",
             "10",
@@ -149,6 +154,18 @@ fn scenarios_against_starling() {
     assert_eq!(u(&chat, "received"), sent);
     assert_eq!(chat["e2e_latency"]["count"].as_u64(), Some(sent));
     assert_no_errors(&chat);
+    let measured = &chat["measured"];
+    assert_eq!(
+        measured["processes"][0]["pid"].to_string(),
+        pid,
+        "{measured}"
+    );
+    assert_eq!(measured["processes"][0]["name"], "starling", "{measured}");
+    assert!(
+        u(&measured["processes"][0], "rss_end_kib") > 0,
+        "{measured}"
+    );
+    assert!(u(&measured["generator"], "rss_end_kib") > 0, "{measured}");
 
     // Login storm over direct TLS for 3 s: every login started completes.
     let storm = load.report(
@@ -169,6 +186,26 @@ fn scenarios_against_starling() {
     assert_eq!(u(&storm, "logins_ok"), started);
     assert_eq!(u(&storm, "logins_failed"), 0);
     assert_no_errors(&storm);
+
+    // A closed-loop storm (rate 0: a new login whenever one of the 2 slots frees up).
+    let closed = load.report(
+        "closed",
+        false,
+        &[
+            "login-storm",
+            "--users",
+            "20",
+            "--rate",
+            "0",
+            "--max-inflight",
+            "2",
+            "--duration",
+            "1",
+        ],
+    );
+    assert!(u(&closed, "target") >= 2, "{closed}");
+    assert_eq!(u(&closed, "logins_ok"), u(&closed, "target"));
+    assert_no_errors(&closed);
 
     // A wrong password is counted as an auth error, not hidden.
     let bad = load.report(

@@ -9,6 +9,7 @@
 pub mod accounts;
 pub mod client;
 pub mod limits;
+pub mod meter;
 pub mod sasl;
 pub mod scenario;
 pub mod stats;

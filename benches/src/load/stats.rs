@@ -12,7 +12,9 @@ use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use hdrhistogram::Histogram;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
+
+use crate::load::meter::Measured;
 
 /// Most distinct error kinds kept; the map is bounded because kinds carry server-chosen text.
 pub const MAX_ERROR_KINDS: usize = 64;
@@ -75,7 +77,7 @@ impl Default for Stats {
 }
 
 /// Latency percentiles in milliseconds.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
 pub struct Percentiles {
     /// Samples recorded.
     pub count: u64,
@@ -205,7 +207,7 @@ impl Stats {
 }
 
 /// The result of one scenario run, as printed and as written to `--json`.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     /// `connect`, `chat`, `presence` or `login-storm`.
     pub scenario: String,
@@ -241,6 +243,8 @@ pub struct Report {
     pub e2e_latency: Percentiles,
     /// Errors by kind.
     pub errors: BTreeMap<String, u64>,
+    /// Resource use of the watched processes and the generator over the measured phase.
+    pub measured: Measured,
 }
 
 impl Report {
@@ -285,6 +289,25 @@ impl Report {
                 out,
                 "{:<15} {:>8} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
                 name, p.count, p.mean_ms, p.p50_ms, p.p90_ms, p.p99_ms, p.p999_ms, p.max_ms
+            )?;
+        }
+        let m = &self.measured;
+        writeln!(
+            out,
+            "measured        {:.2} s, load average {:.2} -> {:.2}",
+            m.secs, m.loadavg_start[0], m.loadavg_end[0]
+        )?;
+        writeln!(
+            out,
+            "{:<15} {:>8} {:<16} {:>10} {:>10} {:>8}",
+            "process", "pid", "name", "rss0 KiB", "rss1 KiB", "cpu s"
+        )?;
+        let rows = m.processes.iter().map(|p| ("watched", p));
+        for (role, p) in rows.chain(std::iter::once(("generator", &m.generator))) {
+            writeln!(
+                out,
+                "{:<15} {:>8} {:<16} {:>10} {:>10} {:>8.2}",
+                role, p.pid, p.name, p.rss_start_kib, p.rss_end_kib, p.cpu_secs
             )?;
         }
         if self.errors.is_empty() {

@@ -91,6 +91,10 @@ struct Cli {
     /// Runtime worker threads (default: one per core).
     #[arg(long, global = true)]
     threads: Option<usize>,
+    /// Measure this process's RSS and CPU time over the scenario's phase (repeatable): the
+    /// server's pid.
+    #[arg(long = "watch-pid", global = true)]
+    watch_pids: Vec<u32>,
     #[command(subcommand)]
     scenario: Scenario,
 }
@@ -153,7 +157,7 @@ enum Scenario {
     },
     /// Log in and out at --rate for --duration seconds, cycling through --users accounts.
     LoginStorm {
-        /// Logins started per second.
+        /// Logins started per second; 0: as fast as --max-inflight allows (a closed loop).
         #[arg(long, default_value_t = 100.0)]
         rate: f64,
         /// Seconds of storm.
@@ -162,7 +166,7 @@ enum Scenario {
         /// Accounts cycled through.
         #[arg(long, default_value_t = 100)]
         users: u64,
-        /// Logins in flight at most.
+        /// Logins in flight (TCP connect to bound resource) at most.
         #[arg(long, default_value_t = 2000)]
         max_inflight: usize,
     },
@@ -305,6 +309,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
         accounts: Arc::new(list.into_iter().map(Arc::new).collect()),
         resource: cli.resource.clone(),
         nofile: nofile.limit(),
+        watch: Arc::new(cli.watch_pids.clone()),
     };
 
     if cli.register {
