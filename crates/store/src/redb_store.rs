@@ -11,7 +11,9 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction};
+use redb::{
+    Database, ReadTransaction, ReadableDatabase, ReadableTable, TableDefinition, WriteTransaction,
+};
 use starling_sasl::{HashAlgo, ScramCredentials};
 
 use crate::codec::AccountRecord;
@@ -134,6 +136,18 @@ impl RedbStore {
             .map_err(|e| StoreError::Backend(format!("blocking task failed: {e}")))?
     }
 
+    /// Runs `f` in a read transaction on the calling task. redb's read transactions do not
+    /// wait for writers or the disk while the file's pages are cached (they take microseconds),
+    /// so a read costs no hand-off to the blocking pool: a login makes several reads, and the
+    /// hand-offs cost more than the reads. Writes, which wait for fsync, go to the pool.
+    async fn read<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        F: FnOnce(&ReadTransaction) -> Result<T, StoreError>,
+    {
+        let txn = self.db.begin_read()?;
+        f(&txn)
+    }
+
     /// Runs `f` in a write transaction and commits it if `f` succeeds (dropping it aborts).
     async fn write<T, F>(&self, f: F) -> Result<T, StoreError>
     where
@@ -222,8 +236,7 @@ impl AccountStore for RedbStore {
         hash: HashAlgo,
     ) -> Result<Option<ScramCredentials>, StoreError> {
         let user = user.clone();
-        self.blocking(move |db| {
-            let txn = db.begin_read()?;
+        self.read(move |txn| {
             let accounts = txn.open_table(ACCOUNTS)?;
             let Some(raw) = accounts.get(key(&user))? else {
                 return Ok(None);
@@ -277,8 +290,7 @@ impl AccountStore for RedbStore {
 
     async fn exists(&self, user: &BareUser) -> Result<bool, StoreError> {
         let user = user.clone();
-        self.blocking(move |db| {
-            let txn = db.begin_read()?;
+        self.read(move |txn| {
             Ok(txn.open_table(ACCOUNTS)?.get(key(&user))?.is_some())
         })
         .await
@@ -286,8 +298,7 @@ impl AccountStore for RedbStore {
 
     async fn list(&self, domain: &str) -> Result<Vec<String>, StoreError> {
         let domain = domain.to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_read()?;
+        self.read(move |txn| {
             let accounts = txn.open_table(ACCOUNTS)?;
             let next = successor(&domain);
             let mut out = Vec::new();
@@ -302,8 +313,7 @@ impl AccountStore for RedbStore {
 
     async fn count(&self, domain: &str) -> Result<u64, StoreError> {
         let domain = domain.to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_read()?;
+        self.read(move |txn| {
             let accounts = txn.open_table(ACCOUNTS)?;
             let next = successor(&domain);
             let mut n = 0u64;
@@ -321,8 +331,7 @@ impl AccountStore for RedbStore {
 impl RosterStore for RedbStore {
     async fn roster(&self, user: &BareUser) -> Result<Roster, StoreError> {
         let user = user.clone();
-        self.blocking(move |db| {
-            let txn = db.begin_read()?;
+        self.read(move |txn| {
             let (d, l) = key(&user);
             let version = txn
                 .open_table(ROSTER_VERSIONS)?
@@ -348,8 +357,7 @@ impl RosterStore for RedbStore {
     ) -> Result<Option<RosterItem>, StoreError> {
         let user = user.clone();
         let jid = jid.to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_read()?;
+        self.read(move |txn| {
             let (d, l) = key(&user);
             let items = txn.open_table(ROSTER_ITEMS)?;
             let found = items.get((d, l, jid.as_str()))?;
@@ -447,8 +455,7 @@ impl OfflineStore for RedbStore {
 
     async fn count_offline(&self, user: &BareUser) -> Result<u64, StoreError> {
         let user = user.clone();
-        self.blocking(move |db| {
-            let txn = db.begin_read()?;
+        self.read(move |txn| {
             let counts = txn.open_table(OFFLINE_COUNTS)?;
             Ok(counts.get(key(&user))?.map(|v| v.value()).unwrap_or(0))
         })
@@ -465,8 +472,7 @@ impl PrivateStore for RedbStore {
     ) -> Result<Option<Bytes>, StoreError> {
         let user = user.clone();
         let namespace = namespace.to_owned();
-        self.blocking(move |db| {
-            let txn = db.begin_read()?;
+        self.read(move |txn| {
             let (d, l) = key(&user);
             let table = txn.open_table(PRIVATE)?;
             let found = table.get((d, l, namespace.as_str()))?;
@@ -498,8 +504,7 @@ impl PrivateStore for RedbStore {
 impl VcardStore for RedbStore {
     async fn vcard(&self, user: &BareUser) -> Result<Option<Bytes>, StoreError> {
         let user = user.clone();
-        self.blocking(move |db| {
-            let txn = db.begin_read()?;
+        self.read(move |txn| {
             let table = txn.open_table(VCARDS)?;
             let found = table.get(key(&user))?;
             Ok(found.map(|v| Bytes::copy_from_slice(v.value())))
@@ -522,8 +527,7 @@ impl VcardStore for RedbStore {
 impl PresenceStore for RedbStore {
     async fn last_unavailable(&self, user: &BareUser) -> Result<Option<LastPresence>, StoreError> {
         let user = user.clone();
-        self.blocking(move |db| {
-            let txn = db.begin_read()?;
+        self.read(move |txn| {
             let table = txn.open_table(LAST_PRESENCE)?;
             let found = table.get(key(&user))?;
             found.map(|v| LastPresence::decode(v.value())).transpose()
