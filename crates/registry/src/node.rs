@@ -8,10 +8,10 @@
 //! replicated to. Since openraft 0.9's `initialize` campaigns at once, the designated node
 //! also becomes the shard's first leader, which spreads leaders evenly over the members.
 //!
-//! **Leader placement after failures** is not rebalanced: openraft 0.9 has no leadership
-//! transfer (0.10 adds `trigger().transfer_leader`), and a follower's `trigger().elect()` is
-//! refused while the current leader's lease holds. After a failover the leaders stay where the
-//! elections put them until the next failure.
+//! **Leader placement** after failovers and membership changes: every shard has a preferred
+//! leader derived from its voters (the same rule as the designated initialiser), and a leader
+//! that is not preferred hands the shard over when the preferred voter is caught up (see
+//! `rebalance`), so leaders return to an even spread once the nodes are back.
 //!
 //! **Leases**: the leader of each shard checks every `lease_check` for node leases that have
 //! expired by its clock and proposes one `ExpireLeases` entry for them, stamped with its time;
@@ -78,6 +78,9 @@ pub struct NodeConfig {
     pub lease_check: Duration,
     /// How long a new leader waits before expiring leases.
     pub lease_grace: Duration,
+    /// How often a leader checks whether to hand a shard to its preferred leader; zero turns
+    /// leader spreading off.
+    pub rebalance_interval: Duration,
 }
 
 impl NodeConfig {
@@ -101,6 +104,7 @@ impl NodeConfig {
             watch_buffer: 4096,
             lease_check: Duration::from_millis(500),
             lease_grace: Duration::from_secs(10),
+            rebalance_interval: Duration::from_secs(2),
         }
     }
 }
@@ -330,6 +334,11 @@ impl RegistryNode {
             let shared = shared.clone();
             let (check, grace) = (config.lease_check, config.lease_grace);
             tasks.spawn(async move { lease_keeper(shared, check, grace).await });
+        }
+        {
+            let shared = shared.clone();
+            let (every, lease) = (config.rebalance_interval, config.election_timeout.1);
+            tasks.spawn(async move { crate::rebalance::run(shared, every, lease).await });
         }
         tracing::info!(
             node = config.id,

@@ -23,6 +23,7 @@ mod cert;
 mod client;
 mod config;
 mod error;
+pub mod history;
 mod http;
 mod metrics;
 mod paths;

@@ -4,7 +4,6 @@
 //! (Multi-process tests with kill -9 and SIGSTOP run through the `starling` binary.)
 
 mod harness;
-mod history;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
@@ -13,12 +12,12 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use harness::{Cluster, Opts, full, rec};
-use history::{History, Read, Write};
 use parking_lot::Mutex;
 use starling_registry::shard::shard_of;
 use starling_registry::{
     BindOutcome, ClientConfig, ReadMode, RegistryClient, RegistryError, SessionRegistry, pb,
 };
+use starling_testkit::history::{History, Read, Write};
 
 /// Bare JIDs `prefix{i}@x` that fall in `shard` of `shards`.
 fn bares_in(shard: u32, shards: u32, prefix: &str, n: usize) -> Vec<String> {
@@ -511,4 +510,52 @@ async fn wait_members(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A failed node's shards move to the others; once it is back and caught up, the leaders
+/// hand its preferred shards back (shard `s` prefers member `s % 3 + 1`), so the spread is
+/// even again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaders_return_to_their_preferred_node_after_a_failover() {
+    let shards = 6;
+    let mut c = Cluster::start(
+        "rebalance",
+        3,
+        Opts {
+            shards,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let client = c.client(ReadMode::Linearizable).await;
+    client.bind(rec("a@x/1", "e1", "s1")).await.unwrap();
+    c.stop(0).await;
+    c.wait_leaders().await;
+    for s in 0..shards {
+        assert_ne!(c.leader_index(s), 0);
+    }
+    // Writes while node 1 is down, so it has to catch up before it can lead again.
+    for i in 0..20 {
+        client
+            .bind(rec(&format!("u{i}@x/r"), "e1", &format!("s{i}")))
+            .await
+            .unwrap();
+    }
+    c.restart(0, false).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        c.wait_leaders().await;
+        let leaders: Vec<usize> = (0..shards).map(|s| c.leader_index(s)).collect();
+        let want: Vec<usize> = (0..shards).map(|s| s as usize % 3).collect();
+        if leaders == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "leaders {leaders:?}, preferred {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Nothing was lost in the hand-overs.
+    assert_eq!(client.count().await, Ok(21));
 }

@@ -14,36 +14,43 @@
 //!
 //! and, after the faults, the value of every key is its last acknowledged write or the
 //! unknown write after it: every acknowledged write is present.
+//!
+//! Used by the in-process cluster tests of `crates/registry` and the multi-process fault
+//! tests of `tests/tests/registry.rs`.
 
 use std::collections::HashMap;
 use std::time::Instant;
 
+/// One write: `value` is the stream id a bind wrote to the register `key` (a full JID).
 #[derive(Debug, Clone)]
-pub(crate) struct Write {
-    pub(crate) key: String,
-    pub(crate) value: String,
-    pub(crate) invoke: Instant,
-    pub(crate) complete: Instant,
-    pub(crate) ok: bool,
+pub struct Write {
+    pub key: String,
+    pub value: String,
+    pub invoke: Instant,
+    pub complete: Instant,
+    pub ok: bool,
 }
 
+/// One completed read of `key`: `value` is the stream id seen, or none.
 #[derive(Debug, Clone)]
-pub(crate) struct Read {
-    pub(crate) key: String,
-    pub(crate) value: Option<String>,
-    pub(crate) invoke: Instant,
-    pub(crate) complete: Instant,
+pub struct Read {
+    pub key: String,
+    pub value: Option<String>,
+    pub invoke: Instant,
+    pub complete: Instant,
 }
 
+/// Every operation of a run, as the clients recorded them.
 #[derive(Debug, Default)]
-pub(crate) struct History {
-    pub(crate) writes: Vec<Write>,
-    pub(crate) reads: Vec<Read>,
+pub struct History {
+    pub writes: Vec<Write>,
+    pub reads: Vec<Read>,
 }
 
 impl History {
-    /// Checks the history and the final values (read linearizably after the workload).
-    pub(crate) fn check(&self, finals: &HashMap<String, Option<String>>) -> Result<Stats, String> {
+    /// Checks the history and the final values (read linearizably after the workload);
+    /// `Err` names the first violation.
+    pub fn check(&self, finals: &HashMap<String, Option<String>>) -> Result<Stats, String> {
         let mut by_key: HashMap<&str, Vec<&Write>> = HashMap::new();
         for w in &self.writes {
             by_key.entry(&w.key).or_default().push(w);
@@ -131,11 +138,12 @@ impl History {
     }
 }
 
+/// What a history that checked contained.
 #[derive(Debug, Default)]
-pub(crate) struct Stats {
-    pub(crate) acknowledged: usize,
-    pub(crate) unknown: usize,
-    pub(crate) reads: usize,
+pub struct Stats {
+    pub acknowledged: usize,
+    pub unknown: usize,
+    pub reads: usize,
 }
 
 #[cfg(test)]
