@@ -375,6 +375,22 @@ impl RegistryNode {
         s.raft.metrics().borrow().current_leader
     }
 
+    /// Whether every shard this node is a member of knows its leader: the node can answer or
+    /// redirect every request. A node not yet added to a shard (it waits to join) does not
+    /// wait for that shard.
+    pub fn leaders_known(&self) -> bool {
+        self.shared.shards.iter().all(|s| {
+            let m = s.raft.metrics();
+            let m = m.borrow();
+            let member = m
+                .membership_config
+                .membership()
+                .nodes()
+                .any(|(id, _)| *id == self.shared.id);
+            !member || m.current_leader.is_some()
+        })
+    }
+
     /// The shards this node currently leads.
     pub fn led_shards(&self) -> Vec<u32> {
         (0..self.shard_count())
