@@ -4,7 +4,8 @@
 //! - **Leader finding**: the client keeps the last known leader of each shard; a `NotLeader`
 //!   answer names the new one (followed at once), an unknown leader or a transport error
 //!   makes it try the other members, with exponential backoff and jitter, until the
-//!   operation's deadline.
+//!   operation's deadline. An attempt unanswered within `attempt_timeout` (a paused or cut-off
+//!   member) counts as a transport error, so one silent member cannot hold a shard's writes.
 //! - **Batching**: writes queue per shard; one task per shard sends everything queued as one
 //!   request while the previous one is in flight, so concurrent binds share a request (and,
 //!   on the leader, a Raft entry). A full queue makes callers wait until their deadline.
@@ -58,6 +59,10 @@ pub struct ClientConfig {
     pub max_per_account: u32,
     /// Time allowed for one operation, retries included.
     pub deadline: Duration,
+    /// Time allowed for one attempt at one member; then the next member is tried (a member
+    /// that is paused or partitioned answers nothing, and must not hold the shard's writes
+    /// for the whole deadline).
+    pub attempt_timeout: Duration,
     /// Time allowed for one membership change of one shard (it waits for a learner to catch
     /// up).
     pub membership_deadline: Duration,
@@ -80,6 +85,7 @@ impl ClientConfig {
             seeds,
             max_per_account: 64,
             deadline: Duration::from_secs(5),
+            attempt_timeout: Duration::from_secs(2),
             membership_deadline: Duration::from_secs(60),
             backoff: (Duration::from_millis(20), Duration::from_millis(500)),
             max_batch_ops: 512,
@@ -372,6 +378,7 @@ impl Core {
         &self,
         shard: u32,
         deadline: Instant,
+        per_attempt: Duration,
         what: &'static str,
         mut call: F,
     ) -> Result<T, RegistryError>
@@ -392,7 +399,7 @@ impl Core {
                 return Err(unavailable("no registry member known"));
             };
             attempt += 1;
-            let remaining = deadline - now;
+            let remaining = (deadline - now).min(per_attempt.max(Duration::from_millis(1)));
             let client = self.grpc(&addr)?;
             match tokio::time::timeout(remaining, call(client, remaining)).await {
                 Ok(Ok(Ok(answer))) => {
@@ -421,7 +428,12 @@ impl Core {
                     self.pause(&mut backoff, deadline).await?;
                 }
                 Err(_) => {
-                    return Err(unavailable(format!("registry {what}: deadline exceeded")));
+                    // No answer in time: the outcome is unknown, and this member may be
+                    // paused or cut off. Try another.
+                    tracing::debug!(shard, %addr, "registry request timed out; retrying");
+                    metrics::counter!("starling_registry_client_attempt_timeouts_total")
+                        .increment(1);
+                    self.set_leader(shard, None);
                 }
             }
         }
@@ -430,18 +442,24 @@ impl Core {
     async fn write(&self, shard: u32, ops: Vec<pb::Op>) -> Result<pb::WriteOk, RegistryError> {
         let deadline = Instant::now() + self.cfg.deadline;
         let req = pb::WriteRequest { shard, ops };
-        self.at_leader(shard, deadline, "write", |mut c, t| {
-            let mut r = tonic::Request::new(req.clone());
-            r.set_timeout(t);
-            async move {
-                use pb::write_response::Outcome;
-                match c.write(r).await?.into_inner().outcome {
-                    Some(Outcome::Ok(ok)) => Ok(Ok(ok)),
-                    Some(Outcome::NotLeader(nl)) => Ok(Err(nl)),
-                    None => Err(tonic::Status::internal("empty write response")),
+        self.at_leader(
+            shard,
+            deadline,
+            self.cfg.attempt_timeout,
+            "write",
+            |mut c, t| {
+                let mut r = tonic::Request::new(req.clone());
+                r.set_timeout(t);
+                async move {
+                    use pb::write_response::Outcome;
+                    match c.write(r).await?.into_inner().outcome {
+                        Some(Outcome::Ok(ok)) => Ok(Ok(ok)),
+                        Some(Outcome::NotLeader(nl)) => Ok(Err(nl)),
+                        None => Err(tonic::Status::internal("empty write response")),
+                    }
                 }
-            }
-        })
+            },
+        )
         .await
     }
 
@@ -457,18 +475,24 @@ impl Core {
             linearizable,
             queries,
         };
-        self.at_leader(shard, deadline, "read", |mut c, t| {
-            let mut r = tonic::Request::new(req.clone());
-            r.set_timeout(t);
-            async move {
-                use pb::read_response::Outcome;
-                match c.read(r).await?.into_inner().outcome {
-                    Some(Outcome::Ok(ok)) => Ok(Ok(ok)),
-                    Some(Outcome::NotLeader(nl)) => Ok(Err(nl)),
-                    None => Err(tonic::Status::internal("empty read response")),
+        self.at_leader(
+            shard,
+            deadline,
+            self.cfg.attempt_timeout,
+            "read",
+            |mut c, t| {
+                let mut r = tonic::Request::new(req.clone());
+                r.set_timeout(t);
+                async move {
+                    use pb::read_response::Outcome;
+                    match c.read(r).await?.into_inner().outcome {
+                        Some(Outcome::Ok(ok)) => Ok(Ok(ok)),
+                        Some(Outcome::NotLeader(nl)) => Ok(Err(nl)),
+                        None => Err(tonic::Status::internal("empty read response")),
+                    }
                 }
-            }
-        })
+            },
+        )
         .await
     }
 
@@ -482,19 +506,26 @@ impl Core {
             shard,
             change: Some(change),
         };
-        self.at_leader(shard, deadline, "change_members", |mut c, t| {
-            let mut r = tonic::Request::new(req.clone());
-            r.set_timeout(t);
-            async move {
-                use pb::change_members_response::Outcome;
-                match c.change_members(r).await?.into_inner().outcome {
-                    Some(Outcome::Ok(_)) => Ok(Ok(Ok(()))),
-                    Some(Outcome::NotLeader(nl)) => Ok(Err(nl)),
-                    Some(Outcome::Error(e)) => Ok(Ok(Err(e))),
-                    None => Err(tonic::Status::internal("empty membership response")),
+        let per_attempt = self.cfg.membership_deadline;
+        self.at_leader(
+            shard,
+            deadline,
+            per_attempt,
+            "change_members",
+            |mut c, t| {
+                let mut r = tonic::Request::new(req.clone());
+                r.set_timeout(t);
+                async move {
+                    use pb::change_members_response::Outcome;
+                    match c.change_members(r).await?.into_inner().outcome {
+                        Some(Outcome::Ok(_)) => Ok(Ok(Ok(()))),
+                        Some(Outcome::NotLeader(nl)) => Ok(Err(nl)),
+                        Some(Outcome::Error(e)) => Ok(Ok(Err(e))),
+                        None => Err(tonic::Status::internal("empty membership response")),
+                    }
                 }
-            }
-        })
+            },
+        )
         .await?
         .map_err(|e| unavailable(format!("membership change of shard {shard}: {e}")))
     }

@@ -173,8 +173,10 @@ pub(crate) async fn run(shared: Arc<Shared>, interval: Duration, lease: Duration
                     .set(m.current_leader.unwrap_or(0) as f64);
                 metrics::gauge!("starling_registry_shard_term", "shard" => label.clone())
                     .set(m.current_term as f64);
-                metrics::gauge!("starling_registry_shard_applied_index", "shard" => label)
+                metrics::gauge!("starling_registry_shard_applied_index", "shard" => label.clone())
                     .set(m.last_applied.map_or(0, |l| l.index) as f64);
+                metrics::gauge!("starling_registry_sessions", "shard" => label)
+                    .set(s.machine.read(|st| st.count()).1 as f64);
                 let slot = leading_since.get_mut(i);
                 let led_for = match (m.state, slot) {
                     (ServerState::Leader, Some(slot)) => {

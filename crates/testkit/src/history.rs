@@ -18,8 +18,11 @@
 //! Used by the in-process cluster tests of `crates/registry` and the multi-process fault
 //! tests of `tests/tests/registry.rs`.
 
-use std::collections::HashMap;
-use std::time::Instant;
+use std::collections::{BTreeSet, HashMap};
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::{Duration, Instant};
 
 /// One write: `value` is the stream id a bind wrote to the register `key` (a full JID).
 #[derive(Debug, Clone)]
@@ -144,6 +147,140 @@ pub struct Stats {
     pub acknowledged: usize,
     pub unknown: usize,
     pub reads: usize,
+}
+
+impl History {
+    /// Every key written.
+    pub fn keys(&self) -> BTreeSet<String> {
+        self.writes.iter().map(|w| w.key.clone()).collect()
+    }
+}
+
+/// A workload that fits the checker: `writers` tasks each write keys `w{task}k{n}@x/r` one
+/// write at a time with unique values, `values_per_key` values per key, moving to a new key
+/// after a failed write; `readers` tasks read random keys written so far.
+#[derive(Debug, Clone, Copy)]
+pub struct Workload {
+    /// Writing tasks.
+    pub writers: usize,
+    /// Reading tasks.
+    pub readers: usize,
+    /// Values written to a key before moving on.
+    pub values_per_key: usize,
+}
+
+/// A running [`Workload`]; [`RunningWorkload::stop`] ends it and returns the history.
+#[derive(Debug)]
+pub struct RunningWorkload {
+    stop: Arc<AtomicBool>,
+    history: Arc<Mutex<History>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Workload {
+    /// Starts the tasks. `write(key, value)` answers whether the write was acknowledged;
+    /// `read(key)` the value read, or `None` when the read failed (not recorded).
+    pub fn start<W, WF, R, RF>(self, write: W, read: R) -> RunningWorkload
+    where
+        W: Fn(String, String) -> WF + Clone + Send + Sync + 'static,
+        WF: Future<Output = bool> + Send + 'static,
+        R: Fn(String) -> RF + Clone + Send + Sync + 'static,
+        RF: Future<Output = Option<Option<String>>> + Send + 'static,
+    {
+        let stop = Arc::new(AtomicBool::new(false));
+        let history = Arc::new(Mutex::new(History::default()));
+        let keys: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for w in 0..self.writers {
+            let (write, history, keys, stop) =
+                (write.clone(), history.clone(), keys.clone(), stop.clone());
+            let per_key = self.values_per_key.max(1);
+            tasks.push(tokio::spawn(async move {
+                let mut k = 0;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = format!("w{w}k{k}@x/r");
+                    lock(&keys).push(key.clone());
+                    for v in 0..per_key {
+                        if stop.load(Ordering::Relaxed) {
+                            break;
+                        }
+                        let value = format!("{w}-{k}-{v}");
+                        let invoke = Instant::now();
+                        let ok = write(key.clone(), value.clone()).await;
+                        lock(&history).writes.push(Write {
+                            key: key.clone(),
+                            value,
+                            invoke,
+                            complete: Instant::now(),
+                            ok,
+                        });
+                        if !ok {
+                            break;
+                        }
+                    }
+                    k += 1;
+                }
+            }));
+        }
+        for r in 0..self.readers {
+            let (read, history, keys, stop) =
+                (read.clone(), history.clone(), keys.clone(), stop.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut i = r;
+                while !stop.load(Ordering::Relaxed) {
+                    let key = {
+                        let keys = lock(&keys);
+                        (!keys.is_empty()).then(|| keys[(i * 7919) % keys.len()].clone())
+                    };
+                    i += 1;
+                    let Some(key) = key else {
+                        tokio::time::sleep(Duration::from_millis(5)).await;
+                        continue;
+                    };
+                    let invoke = Instant::now();
+                    if let Some(value) = read(key.clone()).await {
+                        lock(&history).reads.push(Read {
+                            key,
+                            value,
+                            invoke,
+                            complete: Instant::now(),
+                        });
+                    }
+                }
+            }));
+        }
+        RunningWorkload {
+            stop,
+            history,
+            tasks,
+        }
+    }
+}
+
+impl RunningWorkload {
+    /// Stops every task, waits for the operations in flight to finish, and returns the
+    /// history.
+    pub async fn stop(self) -> History {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            // A task that panicked lost its last operations; the checker then sees fewer.
+            let _ = t.await;
+        }
+        std::mem::take(&mut *lock(&self.history))
+    }
+
+    /// How many writes recorded so far were acknowledged and satisfy `filter`.
+    pub fn acknowledged(&self, filter: impl Fn(&Write) -> bool) -> usize {
+        lock(&self.history)
+            .writes
+            .iter()
+            .filter(|w| w.ok && filter(w))
+            .count()
+    }
 }
 
 #[cfg(test)]

@@ -603,7 +603,7 @@ impl Drop for TestServer {
     }
 }
 
-fn signal(child: &Child, sig: Signal) -> Result<(), HarnessError> {
+pub(crate) fn signal(child: &Child, sig: Signal) -> Result<(), HarnessError> {
     let pid = i32::try_from(child.id())
         .ok()
         .and_then(Pid::from_raw)
@@ -611,7 +611,10 @@ fn signal(child: &Child, sig: Signal) -> Result<(), HarnessError> {
     kill_process(pid, sig).map_err(|e| HarnessError::io(format!("sending {sig:?}"), e.into()))
 }
 
-fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>, HarnessError> {
+pub(crate) fn wait_timeout(
+    child: &mut Child,
+    timeout: Duration,
+) -> Result<Option<ExitStatus>, HarnessError> {
     let deadline = Instant::now() + timeout;
     loop {
         if let Some(status) = child
@@ -628,7 +631,7 @@ fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatu
 }
 
 /// The state letter of `/proc/<pid>/stat` (R, S, D, T, t, Z...).
-fn process_state(pid: u32) -> Option<char> {
+pub(crate) fn process_state(pid: u32) -> Option<char> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name is parenthesised and may contain spaces; the state follows it.
     let after = stat.rsplit_once(')')?.1;

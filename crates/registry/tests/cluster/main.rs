@@ -7,17 +7,15 @@ mod harness;
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use harness::{Cluster, Opts, full, rec};
-use parking_lot::Mutex;
 use starling_registry::shard::shard_of;
 use starling_registry::{
     BindOutcome, ClientConfig, ReadMode, RegistryClient, RegistryError, SessionRegistry, pb,
 };
-use starling_testkit::history::{History, Read, Write};
+use starling_testkit::history::Workload;
 
 /// Bare JIDs `prefix{i}@x` that fall in `shard` of `shards`.
 fn bares_in(shard: u32, shards: u32, prefix: &str, n: usize) -> Vec<String> {
@@ -146,99 +144,44 @@ async fn leader_failover_under_write_load_keeps_a_linearizable_history() {
     )
     .await;
     let client = c.client(ReadMode::Linearizable).await;
-    let history = Arc::new(Mutex::new(History::default()));
-    let keys: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for w in 0..6 {
-        let (client, history, keys, stop) =
-            (client.clone(), history.clone(), keys.clone(), stop.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut k = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let key = format!("w{w}k{k}@x/r");
-                keys.lock().push(key.clone());
-                for v in 0..5 {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let value = format!("{w}-{k}-{v}");
-                    let invoke = Instant::now();
-                    let res = client.bind(rec(&key, "e1", &value)).await;
-                    let ok = res.is_ok();
-                    history.lock().writes.push(Write {
-                        key: key.clone(),
-                        value,
-                        invoke,
-                        complete: Instant::now(),
-                        ok,
-                    });
-                    if !ok {
-                        break;
-                    }
-                }
-                k += 1;
-            }
-        }));
+    let (w, r) = (client.clone(), client.clone());
+    let workload = Workload {
+        writers: 6,
+        readers: 2,
+        values_per_key: 5,
     }
-    for r in 0..2u64 {
-        let (client, history, keys, stop) =
-            (client.clone(), history.clone(), keys.clone(), stop.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut i = r as usize;
-            while !stop.load(Ordering::Relaxed) {
-                let key = {
-                    let keys = keys.lock();
-                    if keys.is_empty() {
-                        None
-                    } else {
-                        Some(keys[(i * 7919) % keys.len()].clone())
-                    }
-                };
-                i += 1;
-                let Some(key) = key else {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                    continue;
-                };
-                let invoke = Instant::now();
-                if let Ok(s) = client.session(&full(&key)).await {
-                    history.lock().reads.push(Read {
-                        key,
-                        value: s.map(|s| s.stream_id.to_string()),
-                        invoke,
-                        complete: Instant::now(),
-                    });
-                }
+    .start(
+        move |key, value| {
+            let w = w.clone();
+            async move { w.bind(rec(&key, "e1", &value)).await.is_ok() }
+        },
+        move |key| {
+            let r = r.clone();
+            async move {
+                r.session(&full(&key))
+                    .await
+                    .ok()
+                    .map(|s| s.map(|s| s.stream_id.to_string()))
             }
-        }));
-    }
+        },
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let victim = c.leader_index(0);
     let killed_at = Instant::now();
     c.stop(victim).await;
     tokio::time::sleep(Duration::from_millis(3000)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
+    // Writes to the failed-over shard were acknowledged after the kill.
+    let resumed = workload.acknowledged(|w| {
+        w.invoke > killed_at + Duration::from_millis(100)
+            && shard_of(starling_registry::shard::bare_of(&w.key), shards) == 0
+    });
+    let history = workload.stop().await;
     c.wait_leaders().await;
     assert_ne!(c.leader_index(0), victim);
-
-    let history = std::mem::take(&mut *history.lock());
-    // Writes to the failed-over shard were acknowledged after the kill.
-    let resumed = history
-        .writes
-        .iter()
-        .filter(|w| {
-            w.ok && w.invoke > killed_at + Duration::from_millis(100)
-                && shard_of(starling_registry::shard::bare_of(&w.key), shards) == 0
-        })
-        .count();
     assert!(resumed > 10, "only {resumed} writes after the failover");
 
     let mut finals = HashMap::new();
-    let all_keys: BTreeSet<String> = history.writes.iter().map(|w| w.key.clone()).collect();
-    for key in all_keys {
+    for key in history.keys() {
         let s = client.session(&full(&key)).await.unwrap();
         finals.insert(key, s.map(|s| s.stream_id.to_string()));
     }
