@@ -389,16 +389,26 @@ impl Core {
         let mut backoff = self.cfg.backoff.0;
         let mut attempt = 0usize;
         let mut hops = 0usize;
+        // A member that left an attempt unanswered in this operation: until another answers
+        // with a leader elsewhere, it is skipped, and a redirect naming it (from a follower
+        // that has not noticed yet) is not followed.
+        let mut silent: Option<String> = None;
         loop {
             let now = Instant::now();
             if now >= deadline {
                 metrics::counter!("starling_registry_client_requests_total", "op" => what, "outcome" => "deadline").increment(1);
                 return Err(unavailable(format!("registry {what}: deadline exceeded")));
             }
-            let Some(addr) = self.target(shard, attempt) else {
+            let Some(mut addr) = self.target(shard, attempt) else {
                 return Err(unavailable("no registry member known"));
             };
             attempt += 1;
+            if silent.as_ref() == Some(&addr)
+                && let Some(other) = self.target(shard, attempt)
+            {
+                attempt += 1;
+                addr = other;
+            }
             let remaining = (deadline - now).min(per_attempt.max(Duration::from_millis(1)));
             let client = self.grpc(&addr)?;
             match tokio::time::timeout(remaining, call(client, remaining)).await {
@@ -409,8 +419,9 @@ impl Core {
                 Ok(Ok(Err(not_leader))) => {
                     metrics::counter!("starling_registry_client_redirects_total").increment(1);
                     let leader = (!not_leader.leader_addr.is_empty()
-                        && not_leader.leader_addr != addr)
-                        .then_some(not_leader.leader_addr);
+                        && not_leader.leader_addr != addr
+                        && silent.as_ref() != Some(&not_leader.leader_addr))
+                    .then_some(not_leader.leader_addr);
                     let known = leader.is_some();
                     self.set_leader(shard, leader);
                     hops += 1;
@@ -434,6 +445,7 @@ impl Core {
                     metrics::counter!("starling_registry_client_attempt_timeouts_total")
                         .increment(1);
                     self.set_leader(shard, None);
+                    silent = Some(addr);
                 }
             }
         }

@@ -115,24 +115,24 @@ fn run_server(checked: Checked, role: Role) -> anyhow::Result<()> {
 }
 
 fn registry_members(args: cli::MembersArgs, checked: &Checked) -> anyhow::Result<()> {
-    let mut log = checked.config.log.clone();
-    log.level = "warn".to_owned();
-    telemetry::init_tracing(&log, false)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
+    let runtime = admin_runtime(checked)?;
     let stdout = std::io::stdout();
     runtime.block_on(registry::members(args, checked, &mut stdout.lock()))
 }
 
-fn user(command: cli::UserCommand, checked: &Checked) -> anyhow::Result<()> {
-    // Administration is quiet unless asked: warnings only, or `RUST_LOG`.
+/// Administration commands are quiet unless asked (warnings only, or `RUST_LOG`) and run on
+/// one thread.
+fn admin_runtime(checked: &Checked) -> anyhow::Result<tokio::runtime::Runtime> {
     let mut log = checked.config.log.clone();
     log.level = "warn".to_owned();
     telemetry::init_tracing(&log, false)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?;
+        .build()?)
+}
+
+fn user(command: cli::UserCommand, checked: &Checked) -> anyhow::Result<()> {
+    let runtime = admin_runtime(checked)?;
     let stdin = std::io::stdin();
     let stdout = std::io::stdout();
     runtime.block_on(users::run(

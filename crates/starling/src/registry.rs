@@ -12,14 +12,11 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
 use starling_registry::{ClientConfig, RegistryClient, RegistryNode};
-use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
-use tokio_util::sync::CancellationToken;
 
 use crate::admin::{self, Readiness};
 use crate::cli::{MembersAction, MembersArgs};
@@ -51,31 +48,10 @@ pub(crate) async fn run(checked: Checked, metrics: Metrics) -> anyhow::Result<()
     })?;
     runfiles::remove_run_file(&server_dir, REGISTRY_RUN_FILE)?;
 
-    let readiness = Arc::new(Readiness::default());
-    readiness.set(false);
-    let admin_listener = TcpListener::bind(checked.admin)
-        .await
-        .with_context(|| format!("cannot bind the admin listener on {}", checked.admin))?;
-    let admin_addr = admin_listener.local_addr()?;
-    let admin_cancel = CancellationToken::new();
-    let mut admin_task = tokio::spawn(admin::serve(
-        admin_listener,
-        readiness.clone(),
-        metrics,
-        admin_cancel.clone(),
-    ));
-    tracing::info!(addr = %admin_addr, "admin endpoint listening");
+    let admin = admin::start(checked.admin, metrics).await?;
 
-    let outcome = serve_node(node_config, &server_dir, admin_addr, &readiness).await;
-
-    readiness.set(false);
-    admin_cancel.cancel();
-    match tokio::time::timeout(Duration::from_secs(2), &mut admin_task).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "admin endpoint failed"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "admin task failed"),
-        Err(_) => admin_task.abort(),
-    }
+    let outcome = serve_node(node_config, &server_dir, admin.addr, &admin.readiness).await;
+    admin.stop(Duration::from_secs(2)).await;
     if let Err(e) = runfiles::remove_run_file(&server_dir, REGISTRY_RUN_FILE) {
         tracing::warn!(error = %e, "cannot remove the registry run file");
     }

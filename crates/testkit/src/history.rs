@@ -154,6 +154,23 @@ impl History {
     pub fn keys(&self) -> BTreeSet<String> {
         self.writes.iter().map(|w| w.key.clone()).collect()
     }
+
+    /// Reads every key's final value with `read` (linearizable, after the workload) and
+    /// checks the history against them.
+    pub async fn check_reading<F, Fut>(&self, read: F) -> Result<Stats, String>
+    where
+        F: Fn(String) -> Fut,
+        Fut: Future<Output = Result<Option<String>, String>>,
+    {
+        let mut finals = HashMap::new();
+        for key in self.keys() {
+            let value = read(key.clone())
+                .await
+                .map_err(|e| format!("final read of {key}: {e}"))?;
+            finals.insert(key, value);
+        }
+        self.check(&finals)
+    }
 }
 
 /// A workload that fits the checker: `writers` tasks each write keys `w{task}k{n}@x/r` one

@@ -30,6 +30,7 @@ pub mod history;
 mod http;
 mod metrics;
 mod paths;
+mod process;
 mod registry;
 mod server;
 

@@ -17,10 +17,10 @@ use std::process::{Child, Command, ExitStatus, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
-use rustix::process::Signal;
 use serde::Deserialize;
 
-use crate::server::{log_tail, process_state, signal, wait_timeout};
+use crate::process::{self, process_state};
+use crate::server::log_tail;
 use crate::{HarnessError, Metrics, http_get, paths, starling_binary};
 
 const POLL: Duration = Duration::from_millis(20);
@@ -338,61 +338,22 @@ impl RegistryProcess {
 
     /// SIGKILL, then reap.
     pub fn kill(&mut self) -> Result<ExitStatus, HarnessError> {
-        let mut child = self.child.take().ok_or(HarnessError::NotRunning)?;
-        let _ = child.kill();
-        child
-            .wait()
-            .map_err(|e| HarnessError::io("waiting for the killed registry node", e))
+        process::kill(&mut self.child)
     }
 
     /// SIGTERM, and wait for the exit (at most 15 s, then SIGKILL and an error).
     pub fn terminate(&mut self) -> Result<ExitStatus, HarnessError> {
-        let mut child = self.child.take().ok_or(HarnessError::NotRunning)?;
-        let _ = signal(&child, Signal::CONT);
-        signal(&child, Signal::TERM)?;
-        match wait_timeout(&mut child, Duration::from_secs(15))? {
-            Some(status) => Ok(status),
-            None => {
-                let _ = child.kill();
-                let _ = child.wait();
-                Err(self.not_ready(
-                    Duration::from_secs(15),
-                    "did not exit after SIGTERM; killed it".into(),
-                ))
-            }
-        }
+        process::terminate(&mut self.child, Duration::from_secs(15), &self.log_path)
     }
 
     /// SIGSTOP, and wait until the kernel reports the process stopped.
     pub fn pause(&mut self) -> Result<(), HarnessError> {
-        let child = self.child.as_ref().ok_or(HarnessError::NotRunning)?;
-        signal(child, Signal::STOP)?;
-        self.wait_state(|s| s == 'T' || s == 't', "stopped")
+        process::pause(self.child.as_ref(), &self.log_path)
     }
 
     /// SIGCONT, and wait until it runs again.
     pub fn resume(&mut self) -> Result<(), HarnessError> {
-        let child = self.child.as_ref().ok_or(HarnessError::NotRunning)?;
-        signal(child, Signal::CONT)?;
-        self.wait_state(|s| s != 'T' && s != 't', "running")
-    }
-
-    fn wait_state(&self, wanted: impl Fn(char) -> bool, what: &str) -> Result<(), HarnessError> {
-        let pid = self.pid().ok_or(HarnessError::NotRunning)?;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match process_state(pid) {
-                Some(s) if wanted(s) => return Ok(()),
-                None => return Err(HarnessError::NotRunning),
-                Some(_) if Instant::now() >= deadline => {
-                    return Err(self.not_ready(
-                        Duration::from_secs(5),
-                        format!("the process did not become {what}"),
-                    ));
-                }
-                Some(_) => std::thread::sleep(POLL),
-            }
-        }
+        process::resume(self.child.as_ref(), &self.log_path)
     }
 
     /// The leader of `shard` as this node reports it (`None`: no leader known, or no answer).

@@ -54,27 +54,32 @@ pub(crate) struct RegistryConfig {
 }
 
 impl Default for RegistryConfig {
+    /// The registry crate's own defaults (`NodeConfig::new`), so they live in one place.
     fn default() -> Self {
+        let listen = SocketAddr::from(([127, 0, 0, 1], 5290));
+        let n = starling_registry::NodeConfig::new(1, listen, String::new(), PathBuf::new());
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let count = |v: usize| u32::try_from(v).unwrap_or(u32::MAX);
         RegistryConfig {
-            listen: "127.0.0.1:5290".to_owned(),
+            listen: listen.to_string(),
             advertise: String::new(),
-            node_id: 1,
+            node_id: n.id,
             initial_members: Vec::new(),
-            shards: 16,
+            shards: n.shards,
             data_dir: PathBuf::new(),
-            heartbeat_ms: 150,
-            election_timeout_min_ms: 1000,
-            election_timeout_max_ms: 2000,
-            snapshot_every: 5000,
-            keep_after_snapshot: 500,
-            max_batch_ops: 1024,
-            proposal_queue: 4096,
-            proposals_in_flight: 8,
-            disk_queue: 8192,
-            watch_buffer: 4096,
-            lease_check_ms: 500,
-            lease_grace_ms: 10_000,
-            rebalance_interval_ms: 2000,
+            heartbeat_ms: ms(n.heartbeat),
+            election_timeout_min_ms: ms(n.election_timeout.0),
+            election_timeout_max_ms: ms(n.election_timeout.1),
+            snapshot_every: n.snapshot_every,
+            keep_after_snapshot: n.keep_after_snapshot,
+            max_batch_ops: count(n.max_batch_ops),
+            proposal_queue: count(n.proposal_queue),
+            proposals_in_flight: count(n.proposals_in_flight),
+            disk_queue: count(n.disk_queue),
+            watch_buffer: count(n.watch_buffer),
+            lease_check_ms: ms(n.lease_check),
+            lease_grace_ms: ms(n.lease_grace),
+            rebalance_interval_ms: ms(n.rebalance_interval),
         }
     }
 }
@@ -264,7 +269,26 @@ mod tests {
 
     #[test]
     fn defaults_and_members_parse() {
-        let s = check(&RegistryConfig::default()).unwrap();
+        // The README documents these values.
+        let d = RegistryConfig::default();
+        assert_eq!(
+            (
+                d.shards,
+                d.heartbeat_ms,
+                d.election_timeout_min_ms,
+                d.election_timeout_max_ms
+            ),
+            (16, 150, 1000, 2000)
+        );
+        assert_eq!(
+            (d.snapshot_every, d.keep_after_snapshot, d.max_batch_ops),
+            (5000, 500, 1024)
+        );
+        assert_eq!(
+            (d.lease_check_ms, d.lease_grace_ms, d.rebalance_interval_ms),
+            (500, 10_000, 2000)
+        );
+        let s = check(&d).unwrap();
         assert_eq!(s.listen, "127.0.0.1:5290".parse().unwrap());
         assert_eq!(s.advertise, "127.0.0.1:5290");
         assert!(s.initial_members.is_empty());
