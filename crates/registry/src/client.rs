@@ -7,8 +7,9 @@
 //!   operation's deadline. An attempt unanswered within `attempt_timeout` (a paused or cut-off
 //!   member) counts as a transport error, so one silent member cannot hold a shard's writes.
 //! - **Batching**: writes queue per shard; one task per shard sends everything queued as one
-//!   request while the previous one is in flight, so concurrent binds share a request (and,
-//!   on the leader, a Raft entry). A full queue makes callers wait until their deadline.
+//!   request, with up to `requests_in_flight_per_shard` requests in flight, so concurrent binds
+//!   share a request (and, on the leader, a Raft entry). A full queue makes callers wait until
+//!   their deadline.
 //! - **Reads** are linearizable by default (the leader confirms its leadership with a quorum,
 //!   read index, before answering). In [`ReadMode::Cached`], account lookups are answered
 //!   from a bounded local cache kept fresh by the watch stream; a miss reads through the
@@ -70,6 +71,10 @@ pub struct ClientConfig {
     pub backoff: (Duration, Duration),
     /// Most operations in one write request.
     pub max_batch_ops: usize,
+    /// Write requests of one shard in flight at once; what queues meanwhile is batched into
+    /// the next. Operations of one caller are never in flight together (each call waits), so
+    /// pipelining reorders nothing a caller can observe.
+    pub requests_in_flight_per_shard: usize,
     /// Writes waiting per shard; callers wait for room until their deadline.
     pub queue_per_shard: usize,
     /// How lookups are answered.
@@ -89,6 +94,7 @@ impl ClientConfig {
             membership_deadline: Duration::from_secs(60),
             backoff: (Duration::from_millis(20), Duration::from_millis(500)),
             max_batch_ops: 512,
+            requests_in_flight_per_shard: 4,
             queue_per_shard: 8192,
             reads: ReadMode::Linearizable,
             cache_capacity: 100_000,
@@ -570,9 +576,21 @@ async fn write_loop(
     cancel: CancellationToken,
 ) {
     let max = core.cfg.max_batch_ops.max(1);
+    let mut in_flight = tokio::task::JoinSet::new();
+    let limit = core.cfg.requests_in_flight_per_shard.max(1);
     loop {
+        // Reap finished requests; wait for one when the pipeline is full, so what queues
+        // meanwhile joins the next request.
+        while in_flight.try_join_next().is_some() {}
+        if in_flight.len() >= limit {
+            tokio::select! {
+                _ = in_flight.join_next() => continue,
+                () = cancel.cancelled() => return,
+            }
+        }
         let first = tokio::select! {
-            p = rx.recv() => match p { Some(p) => p, None => return },
+            p = rx.recv() => match p { Some(p) => p, None => break },
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => continue,
             () = cancel.cancelled() => return,
         };
         let mut batch = vec![first];
@@ -583,25 +601,32 @@ async fn write_loop(
             }
         }
         metrics::histogram!("starling_registry_client_batch_ops").record(batch.len() as f64);
-        let (ops, replies): (Vec<pb::Op>, Vec<_>) =
-            batch.into_iter().map(|p| (p.op, p.reply)).unzip();
-        let n = ops.len();
-        match core.write(shard, ops).await {
-            Ok(ok) if ok.results.len() == n => {
-                for (reply, r) in replies.into_iter().zip(ok.results) {
-                    let _ = reply.send(Ok(r));
-                }
+        let core = core.clone();
+        in_flight.spawn(async move { send_batch(&core, shard, batch).await });
+    }
+    // The handles are gone: let the requests in flight answer their callers.
+    while in_flight.join_next().await.is_some() {}
+}
+
+/// Sends one batch of writes of `shard` and answers each caller.
+async fn send_batch(core: &Core, shard: u32, batch: Vec<PendingWrite>) {
+    let (ops, replies): (Vec<pb::Op>, Vec<_>) = batch.into_iter().map(|p| (p.op, p.reply)).unzip();
+    let n = ops.len();
+    match core.write(shard, ops).await {
+        Ok(ok) if ok.results.len() == n => {
+            for (reply, r) in replies.into_iter().zip(ok.results) {
+                let _ = reply.send(Ok(r));
             }
-            Ok(_) => {
-                let e = unavailable("registry answered a different number of results");
-                for reply in replies {
-                    let _ = reply.send(Err(e.clone()));
-                }
+        }
+        Ok(_) => {
+            let e = unavailable("registry answered a different number of results");
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
             }
-            Err(e) => {
-                for reply in replies {
-                    let _ = reply.send(Err(e.clone()));
-                }
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
             }
         }
     }

@@ -171,6 +171,7 @@ impl RaftStateMachine<TypeConfig> for MachineStore {
         let m = &self.0;
         let mut out = Vec::new();
         let mut inner = m.inner.write();
+        inner.data.quiet = m.events.receiver_count() == 0;
         for entry in entries {
             inner.last_applied = Some(entry.log_id);
             match entry.payload {

@@ -9,6 +9,10 @@
 //! callback after the shared fsync, so a burst of appends from many shards costs one fsync, not
 //! one each (DESIGN.md, "The registry's throughput comes from batching").
 //!
+//! The committed pointer of each shard is not a request of its own: it is noted in memory and
+//! written with the next group that holds the log entries it points at, so it never costs an
+//! fsync (it only speeds up a restart, which otherwise learns it from the leader).
+//!
 //! The unpurged log of each shard is also kept in memory for reads; snapshots bound it.
 
 use std::collections::BTreeMap;
@@ -119,6 +123,8 @@ pub(crate) struct Disk {
     /// Transactions committed (each one fsync), read by tests.
     #[cfg_attr(not(test), allow(dead_code))]
     commits: Arc<AtomicU64>,
+    /// Committed pointers noted and not yet written, by shard.
+    committed: Arc<Mutex<BTreeMap<u32, LogId<MemberId>>>>,
 }
 
 impl std::fmt::Debug for DiskOp {
@@ -148,16 +154,18 @@ impl Disk {
         let (tx, rx) = mpsc::channel(queue.max(1));
         let writer_db = db.clone();
         let commits = Arc::new(AtomicU64::new(0));
-        let writer_commits = commits.clone();
+        let committed = Arc::new(Mutex::new(BTreeMap::new()));
+        let (writer_commits, writer_committed) = (commits.clone(), committed.clone());
         let writer = std::thread::Builder::new()
             .name("registry-disk".into())
-            .spawn(move || writer_loop(writer_db, rx, &writer_commits))
+            .spawn(move || writer_loop(writer_db, rx, &writer_commits, &writer_committed))
             .map_err(StoreError::db)?;
         Ok(Arc::new(Disk {
             tx,
             db: Mutex::new(Some(db)),
             writer: Mutex::new(Some(writer)),
             commits,
+            committed,
         }))
     }
 
@@ -253,6 +261,11 @@ impl Disk {
         .await
     }
 
+    /// Notes the committed pointer of `shard`; written with a later group (see the module doc).
+    pub(crate) fn note_committed(&self, shard: u32, committed: LogId<MemberId>) {
+        self.committed.lock().insert(shard, committed);
+    }
+
     /// How many transactions the writer has committed.
     #[cfg(test)]
     pub(crate) fn commits(&self) -> u64 {
@@ -260,8 +273,55 @@ impl Disk {
     }
 }
 
-fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<DiskOp>, commits: &AtomicU64) {
+/// The highest log index each shard has written in this process (entries before the start
+/// are not counted: a committed pointer then waits for the next append).
+type Written = BTreeMap<u32, u64>;
+
+/// The committed pointers that may go into `group`: those whose entry is written by now or
+/// by this group. The others stay noted.
+fn committed_for(
+    group: &[DiskOp],
+    written: &mut Written,
+    noted: &Mutex<BTreeMap<u32, LogId<MemberId>>>,
+) -> Vec<(u32, Vec<u8>)> {
+    for op in group {
+        match op {
+            DiskOp::Append { shard, entries, .. } => {
+                if let Some((last, _)) = entries.last() {
+                    written.insert(*shard, *last);
+                }
+            }
+            DiskOp::Truncate { shard, from, .. } => {
+                if let Some(w) = written.get_mut(shard) {
+                    *w = (*w).min(from.saturating_sub(1));
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut noted = noted.lock();
+    let ready: Vec<u32> = noted
+        .iter()
+        .filter(|(shard, l)| written.get(*shard).is_some_and(|w| l.index <= *w))
+        .map(|(shard, _)| *shard)
+        .collect();
+    ready
+        .into_iter()
+        .filter_map(|shard| {
+            let l = noted.remove(&shard)?;
+            Some((shard, codec::log_id_to_pb(&l).encode_to_vec()))
+        })
+        .collect()
+}
+
+fn writer_loop(
+    db: Arc<Database>,
+    mut rx: mpsc::Receiver<DiskOp>,
+    commits: &AtomicU64,
+    noted: &Mutex<BTreeMap<u32, LogId<MemberId>>>,
+) {
     let mut group: Vec<DiskOp> = Vec::new();
+    let mut written = Written::new();
     while let Some(first) = rx.blocking_recv() {
         group.push(first);
         while group.len() < MAX_GROUP {
@@ -271,8 +331,9 @@ fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<DiskOp>, commits: &Atom
             }
         }
         let stop = group.iter().any(|op| matches!(op, DiskOp::Stop));
+        let committed = committed_for(&group, &mut written, noted);
         let started = std::time::Instant::now();
-        let result = write_group(&db, &group).map_err(|e| e.to_string());
+        let result = write_group(&db, &group, &committed).map_err(|e| e.to_string());
         commits.fetch_add(1, Ordering::Relaxed);
         metrics::histogram!("starling_registry_disk_commit_seconds")
             .record(started.elapsed().as_secs_f64());
@@ -308,7 +369,11 @@ fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<DiskOp>, commits: &Atom
     }
 }
 
-fn write_group(db: &Database, group: &[DiskOp]) -> Result<(), redb::Error> {
+fn write_group(
+    db: &Database,
+    group: &[DiskOp],
+    committed: &[(u32, Vec<u8>)],
+) -> Result<(), redb::Error> {
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate)
         .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
@@ -351,6 +416,9 @@ fn write_group(db: &Database, group: &[DiskOp]) -> Result<(), redb::Error> {
                 }
                 DiskOp::Stop => {}
             }
+        }
+        for (shard, value) in committed {
+            meta.insert((*shard, KEY_COMMITTED), value.as_slice())?;
         }
     }
     txn.commit()?;
@@ -460,17 +528,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     ) -> Result<(), StorageError<MemberId>> {
         self.mem.lock().committed = committed;
         if let Some(c) = committed {
-            // Not waited for: the committed pointer only speeds up a restart, and the queue
-            // keeps it in order with the appends.
-            self.disk
-                .send(DiskOp::Meta {
-                    shard: self.shard,
-                    key: KEY_COMMITTED,
-                    value: codec::log_id_to_pb(&c).encode_to_vec(),
-                    done: None,
-                })
-                .await
-                .map_err(|e| io_err(StorageIOError::write, e))?;
+            // Not waited for, and no request of its own (see the module doc).
+            self.disk.note_committed(self.shard, c);
         }
         Ok(())
     }
