@@ -297,7 +297,11 @@ impl RegistryNode {
             addr: config.listen,
             source,
         })?;
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // `Server::tcp_nodelay` covers only listeners the server binds itself: without
+        // TCP_NODELAY on accepted sockets, small answers wait for delayed ACKs (~40 ms).
+        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(30)));
         let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .concurrency_limit_per_connection(MAX_CONCURRENT_PER_CONNECTION)
