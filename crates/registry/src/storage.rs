@@ -48,6 +48,9 @@ const KEY_SNAPSHOT_META: &str = "snapshot_meta";
 
 /// Most requests one transaction takes; the rest wait for the next one.
 const MAX_GROUP: usize = 4096;
+/// redb's page cache. The log is read from memory and snapshots are read rarely, so the cache
+/// only serves writes; redb's default (1 GiB) would grow with the file.
+const CACHE_BYTES: usize = 64 * 1024 * 1024;
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -144,7 +147,10 @@ impl Disk {
     /// Opens (or creates) the database at `path` and starts the writer thread. `queue` bounds
     /// the requests waiting for the writer; a full queue makes appends wait (backpressure).
     pub(crate) fn open(path: &Path, queue: usize) -> Result<Arc<Disk>, StoreError> {
-        let db = Database::create(path).map_err(StoreError::db)?;
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(StoreError::db)?;
         let txn = db.begin_write().map_err(StoreError::db)?;
         txn.open_table(LOG).map_err(StoreError::db)?;
         txn.open_table(META).map_err(StoreError::db)?;
@@ -242,6 +248,33 @@ impl Disk {
             Ok(Err(e)) => Err(StoreError::Db(e)),
             Err(_) => Err(StoreError::Closed),
         }
+    }
+
+    /// The latest snapshot of `shard`, its meta and data read in one transaction (they are
+    /// written in one), so they always belong together.
+    pub(crate) fn read_snapshot(
+        &self,
+        shard: u32,
+    ) -> Result<Option<(pb::SnapshotMeta, Vec<u8>)>, StoreError> {
+        let db = self.db.lock().clone().ok_or(StoreError::Closed)?;
+        let txn = db.begin_read().map_err(StoreError::db)?;
+        let meta_t = txn.open_table(META).map_err(StoreError::db)?;
+        let snap_t = txn.open_table(SNAPSHOT).map_err(StoreError::db)?;
+        let Some(meta) = meta_t
+            .get((shard, KEY_SNAPSHOT_META))
+            .map_err(StoreError::db)?
+            .map(|v| v.value().to_vec())
+        else {
+            return Ok(None);
+        };
+        let meta = pb::SnapshotMeta::decode(meta.as_slice())
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let data = snap_t
+            .get(shard)
+            .map_err(StoreError::db)?
+            .map(|v| v.value().to_vec())
+            .unwrap_or_default();
+        Ok(Some((meta, data)))
     }
 
     /// Persists a snapshot of `shard` (replacing the previous one) and waits for the fsync.
