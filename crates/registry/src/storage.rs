@@ -498,6 +498,29 @@ impl LogStore {
     }
 }
 
+/// `entries` if they begin at the range's start, else nothing. A leader's replication task
+/// may ask for entries a concurrent purge (after a snapshot) has just removed; answering with
+/// the later entries would ship them with the wrong `prev_log_id`, and the follower would
+/// apply a log with a hole. Nothing is a legal answer ("fewer entries than asked"): openraft
+/// then sends a heartbeat, sees the purge, and sends the snapshot.
+fn contiguous_from(
+    start: std::ops::Bound<u64>,
+    entries: Vec<Entry<TypeConfig>>,
+) -> Vec<Entry<TypeConfig>> {
+    let want = match start {
+        std::ops::Bound::Included(i) => Some(i),
+        std::ops::Bound::Excluded(i) => Some(i.saturating_add(1)),
+        std::ops::Bound::Unbounded => None,
+    };
+    match (want, entries.first()) {
+        (Some(w), Some(first)) if first.log_id.index != w => {
+            metrics::counter!("starling_registry_log_reads_behind_purge_total").increment(1);
+            Vec::new()
+        }
+        _ => entries,
+    }
+}
+
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,
@@ -506,11 +529,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let start = range.start_bound().cloned();
         let end = range.end_bound().cloned();
         let mem = self.mem.lock();
-        Ok(mem
+        let entries: Vec<Entry<TypeConfig>> = mem
             .log
             .range((start, end))
             .map(|(_, e)| e.clone())
-            .collect())
+            .collect();
+        Ok(contiguous_from(start, entries))
     }
 }
 
@@ -650,6 +674,27 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn reads_below_a_purge_answer_nothing_rather_than_a_gap() {
+        use std::ops::Bound;
+        let entry = |i: u64| Entry::<TypeConfig> {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), i),
+            payload: openraft::EntryPayload::Blank,
+        };
+        let later = vec![entry(5010), entry(5011)];
+        assert!(contiguous_from(Bound::Included(0), later.clone()).is_empty());
+        assert_eq!(
+            contiguous_from(Bound::Included(5010), later.clone()).len(),
+            2
+        );
+        assert_eq!(
+            contiguous_from(Bound::Excluded(5009), later.clone()).len(),
+            2
+        );
+        assert_eq!(contiguous_from(Bound::Unbounded, later).len(), 2);
+        assert!(contiguous_from(Bound::Included(3), Vec::new()).is_empty());
     }
 
     #[tokio::test]
