@@ -16,7 +16,8 @@ const POLL: Duration = Duration::from_millis(20);
 /// Lines of the log carried by an error.
 const TAIL_LINES: usize = 50;
 
-fn failed(log: &Path, timeout: Duration, reason: String) -> HarnessError {
+/// A readiness or process-state failure naming `log` and carrying its tail.
+pub(crate) fn failed(log: &Path, timeout: Duration, reason: String) -> HarnessError {
     HarnessError::NotReady {
         timeout,
         reason,

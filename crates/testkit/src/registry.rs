@@ -328,12 +328,11 @@ impl RegistryProcess {
     }
 
     fn not_ready(&self, timeout: Duration, reason: String) -> HarnessError {
-        HarnessError::NotReady {
+        process::failed(
+            &self.log_path,
             timeout,
-            reason: format!("registry node {}: {reason}", self.id),
-            log: self.log_path.clone(),
-            tail: log_tail(&self.log_path, TAIL_LINES),
-        }
+            format!("registry node {}: {reason}", self.id),
+        )
     }
 
     /// SIGKILL, then reap.

@@ -527,12 +527,7 @@ impl TestServer {
     }
 
     fn not_ready(&self, timeout: Duration, reason: String) -> HarnessError {
-        HarnessError::NotReady {
-            timeout,
-            reason,
-            log: self.log_path.clone(),
-            tail: self.log_tail(TAIL_LINES),
-        }
+        process::failed(&self.log_path, timeout, reason)
     }
 }
 
