@@ -4,10 +4,12 @@
 //! - **Leader finding**: the client keeps the last known leader of each shard; a `NotLeader`
 //!   answer names the new one (followed at once), an unknown leader or a transport error
 //!   makes it try the other members, with exponential backoff and jitter, until the
-//!   operation's deadline.
+//!   operation's deadline. An attempt unanswered within `attempt_timeout` (a paused or cut-off
+//!   member) counts as a transport error, so one silent member cannot hold a shard's writes.
 //! - **Batching**: writes queue per shard; one task per shard sends everything queued as one
-//!   request while the previous one is in flight, so concurrent binds share a request (and,
-//!   on the leader, a Raft entry). A full queue makes callers wait until their deadline.
+//!   request, with up to `requests_in_flight_per_shard` requests in flight, so concurrent binds
+//!   share a request (and, on the leader, a Raft entry). A full queue makes callers wait until
+//!   their deadline.
 //! - **Reads** are linearizable by default (the leader confirms its leadership with a quorum,
 //!   read index, before answering). In [`ReadMode::Cached`], account lookups are answered
 //!   from a bounded local cache kept fresh by the watch stream; a miss reads through the
@@ -65,6 +67,10 @@ pub struct ClientConfig {
     pub max_per_account: u32,
     /// Time allowed for one operation, retries included.
     pub deadline: Duration,
+    /// Time allowed for one attempt at one member; then the next member is tried (a member
+    /// that is paused or partitioned answers nothing, and must not hold the shard's writes
+    /// for the whole deadline).
+    pub attempt_timeout: Duration,
     /// Time allowed for one membership change of one shard (it waits for a learner to catch
     /// up).
     pub membership_deadline: Duration,
@@ -72,6 +78,10 @@ pub struct ClientConfig {
     pub backoff: (Duration, Duration),
     /// Most operations in one write request.
     pub max_batch_ops: usize,
+    /// Write requests of one shard in flight at once; what queues meanwhile is batched into
+    /// the next. Operations of one caller are never in flight together (each call waits), so
+    /// pipelining reorders nothing a caller can observe.
+    pub requests_in_flight_per_shard: usize,
     /// Writes waiting per shard; callers wait for room until their deadline.
     pub queue_per_shard: usize,
     /// How lookups are answered.
@@ -87,9 +97,11 @@ impl ClientConfig {
             seeds,
             max_per_account: 64,
             deadline: Duration::from_secs(5),
+            attempt_timeout: Duration::from_secs(2),
             membership_deadline: Duration::from_secs(60),
             backoff: (Duration::from_millis(20), Duration::from_millis(500)),
             max_batch_ops: 512,
+            requests_in_flight_per_shard: 4,
             queue_per_shard: 8192,
             reads: ReadMode::Linearizable,
             cache_capacity: 100_000,
@@ -413,6 +425,7 @@ impl Core {
         &self,
         shard: u32,
         deadline: Instant,
+        per_attempt: Duration,
         what: &'static str,
         mut call: F,
     ) -> Result<T, RegistryError>
@@ -423,17 +436,27 @@ impl Core {
         let mut backoff = self.cfg.backoff.0;
         let mut attempt = 0usize;
         let mut hops = 0usize;
+        // A member that left an attempt unanswered in this operation: until another answers
+        // with a leader elsewhere, it is skipped, and a redirect naming it (from a follower
+        // that has not noticed yet) is not followed.
+        let mut silent: Option<String> = None;
         loop {
             let now = Instant::now();
             if now >= deadline {
                 metrics::counter!("starling_registry_client_requests_total", "op" => what, "outcome" => "deadline").increment(1);
                 return Err(unavailable(format!("registry {what}: deadline exceeded")));
             }
-            let Some(addr) = self.target(shard, attempt) else {
+            let Some(mut addr) = self.target(shard, attempt) else {
                 return Err(unavailable("no registry member known"));
             };
             attempt += 1;
-            let remaining = deadline - now;
+            if silent.as_ref() == Some(&addr)
+                && let Some(other) = self.target(shard, attempt)
+            {
+                attempt += 1;
+                addr = other;
+            }
+            let remaining = (deadline - now).min(per_attempt.max(Duration::from_millis(1)));
             let client = self.grpc(&addr)?;
             match tokio::time::timeout(remaining, call(client, remaining)).await {
                 Ok(Ok(Ok(answer))) => {
@@ -443,8 +466,9 @@ impl Core {
                 Ok(Ok(Err(not_leader))) => {
                     metrics::counter!("starling_registry_client_redirects_total").increment(1);
                     let leader = (!not_leader.leader_addr.is_empty()
-                        && not_leader.leader_addr != addr)
-                        .then_some(not_leader.leader_addr);
+                        && not_leader.leader_addr != addr
+                        && silent.as_ref() != Some(&not_leader.leader_addr))
+                    .then_some(not_leader.leader_addr);
                     let known = leader.is_some();
                     self.set_leader(shard, leader);
                     hops += 1;
@@ -462,7 +486,13 @@ impl Core {
                     self.pause(&mut backoff, deadline).await?;
                 }
                 Err(_) => {
-                    return Err(unavailable(format!("registry {what}: deadline exceeded")));
+                    // No answer in time: the outcome is unknown, and this member may be
+                    // paused or cut off. Try another.
+                    tracing::debug!(shard, %addr, "registry request timed out; retrying");
+                    metrics::counter!("starling_registry_client_attempt_timeouts_total")
+                        .increment(1);
+                    self.set_leader(shard, None);
+                    silent = Some(addr);
                 }
             }
         }
@@ -471,18 +501,24 @@ impl Core {
     async fn write(&self, shard: u32, ops: Vec<pb::Op>) -> Result<pb::WriteOk, RegistryError> {
         let deadline = Instant::now() + self.cfg.deadline;
         let req = pb::WriteRequest { shard, ops };
-        self.at_leader(shard, deadline, "write", |mut c, t| {
-            let mut r = tonic::Request::new(req.clone());
-            r.set_timeout(t);
-            async move {
-                use pb::write_response::Outcome;
-                match c.write(r).await?.into_inner().outcome {
-                    Some(Outcome::Ok(ok)) => Ok(Ok(ok)),
-                    Some(Outcome::NotLeader(nl)) => Ok(Err(nl)),
-                    None => Err(tonic::Status::internal("empty write response")),
+        self.at_leader(
+            shard,
+            deadline,
+            self.cfg.attempt_timeout,
+            "write",
+            |mut c, t| {
+                let mut r = tonic::Request::new(req.clone());
+                r.set_timeout(t);
+                async move {
+                    use pb::write_response::Outcome;
+                    match c.write(r).await?.into_inner().outcome {
+                        Some(Outcome::Ok(ok)) => Ok(Ok(ok)),
+                        Some(Outcome::NotLeader(nl)) => Ok(Err(nl)),
+                        None => Err(tonic::Status::internal("empty write response")),
+                    }
                 }
-            }
-        })
+            },
+        )
         .await
     }
 
@@ -498,18 +534,24 @@ impl Core {
             linearizable,
             queries,
         };
-        self.at_leader(shard, deadline, "read", |mut c, t| {
-            let mut r = tonic::Request::new(req.clone());
-            r.set_timeout(t);
-            async move {
-                use pb::read_response::Outcome;
-                match c.read(r).await?.into_inner().outcome {
-                    Some(Outcome::Ok(ok)) => Ok(Ok(ok)),
-                    Some(Outcome::NotLeader(nl)) => Ok(Err(nl)),
-                    None => Err(tonic::Status::internal("empty read response")),
+        self.at_leader(
+            shard,
+            deadline,
+            self.cfg.attempt_timeout,
+            "read",
+            |mut c, t| {
+                let mut r = tonic::Request::new(req.clone());
+                r.set_timeout(t);
+                async move {
+                    use pb::read_response::Outcome;
+                    match c.read(r).await?.into_inner().outcome {
+                        Some(Outcome::Ok(ok)) => Ok(Ok(ok)),
+                        Some(Outcome::NotLeader(nl)) => Ok(Err(nl)),
+                        None => Err(tonic::Status::internal("empty read response")),
+                    }
                 }
-            }
-        })
+            },
+        )
         .await
     }
 
@@ -523,19 +565,26 @@ impl Core {
             shard,
             change: Some(change),
         };
-        self.at_leader(shard, deadline, "change_members", |mut c, t| {
-            let mut r = tonic::Request::new(req.clone());
-            r.set_timeout(t);
-            async move {
-                use pb::change_members_response::Outcome;
-                match c.change_members(r).await?.into_inner().outcome {
-                    Some(Outcome::Ok(_)) => Ok(Ok(Ok(()))),
-                    Some(Outcome::NotLeader(nl)) => Ok(Err(nl)),
-                    Some(Outcome::Error(e)) => Ok(Ok(Err(e))),
-                    None => Err(tonic::Status::internal("empty membership response")),
+        let per_attempt = self.cfg.membership_deadline;
+        self.at_leader(
+            shard,
+            deadline,
+            per_attempt,
+            "change_members",
+            |mut c, t| {
+                let mut r = tonic::Request::new(req.clone());
+                r.set_timeout(t);
+                async move {
+                    use pb::change_members_response::Outcome;
+                    match c.change_members(r).await?.into_inner().outcome {
+                        Some(Outcome::Ok(_)) => Ok(Ok(Ok(()))),
+                        Some(Outcome::NotLeader(nl)) => Ok(Err(nl)),
+                        Some(Outcome::Error(e)) => Ok(Ok(Err(e))),
+                        None => Err(tonic::Status::internal("empty membership response")),
+                    }
                 }
-            }
-        })
+            },
+        )
         .await?
         .map_err(|e| unavailable(format!("membership change of shard {shard}: {e}")))
     }
@@ -568,9 +617,21 @@ async fn write_loop(
     cancel: CancellationToken,
 ) {
     let max = core.cfg.max_batch_ops.max(1);
+    let mut in_flight = tokio::task::JoinSet::new();
+    let limit = core.cfg.requests_in_flight_per_shard.max(1);
     loop {
+        // Reap finished requests; wait for one when the pipeline is full, so what queues
+        // meanwhile joins the next request.
+        while in_flight.try_join_next().is_some() {}
+        if in_flight.len() >= limit {
+            tokio::select! {
+                _ = in_flight.join_next() => continue,
+                () = cancel.cancelled() => return,
+            }
+        }
         let first = tokio::select! {
-            p = rx.recv() => match p { Some(p) => p, None => return },
+            p = rx.recv() => match p { Some(p) => p, None => break },
+            Some(_) = in_flight.join_next(), if !in_flight.is_empty() => continue,
             () = cancel.cancelled() => return,
         };
         let mut batch = vec![first];
@@ -581,25 +642,32 @@ async fn write_loop(
             }
         }
         metrics::histogram!("starling_registry_client_batch_ops").record(batch.len() as f64);
-        let (ops, replies): (Vec<pb::Op>, Vec<_>) =
-            batch.into_iter().map(|p| (p.op, p.reply)).unzip();
-        let n = ops.len();
-        match core.write(shard, ops).await {
-            Ok(ok) if ok.results.len() == n => {
-                for (reply, r) in replies.into_iter().zip(ok.results) {
-                    let _ = reply.send(Ok(r));
-                }
+        let core = core.clone();
+        in_flight.spawn(async move { send_batch(&core, shard, batch).await });
+    }
+    // The handles are gone: let the requests in flight answer their callers.
+    while in_flight.join_next().await.is_some() {}
+}
+
+/// Sends one batch of writes of `shard` and answers each caller.
+async fn send_batch(core: &Core, shard: u32, batch: Vec<PendingWrite>) {
+    let (ops, replies): (Vec<pb::Op>, Vec<_>) = batch.into_iter().map(|p| (p.op, p.reply)).unzip();
+    let n = ops.len();
+    match core.write(shard, ops).await {
+        Ok(ok) if ok.results.len() == n => {
+            for (reply, r) in replies.into_iter().zip(ok.results) {
+                let _ = reply.send(Ok(r));
             }
-            Ok(_) => {
-                let e = unavailable("registry answered a different number of results");
-                for reply in replies {
-                    let _ = reply.send(Err(e.clone()));
-                }
+        }
+        Ok(_) => {
+            let e = unavailable("registry answered a different number of results");
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
             }
-            Err(e) => {
-                for reply in replies {
-                    let _ = reply.send(Err(e.clone()));
-                }
+        }
+        Err(e) => {
+            for reply in replies {
+                let _ = reply.send(Err(e.clone()));
             }
         }
     }

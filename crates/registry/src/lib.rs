@@ -21,6 +21,7 @@
 //! - `machine`: openraft's state machine around `state`, with the watch channel;
 //! - `network` / `server`: the Raft transport and the client API over tonic;
 //! - `proposer`: server-side batching of concurrent writes into one entry;
+//! - `rebalance`: preferred leaders and the hand-over that spreads leaders over the nodes;
 //! - [`node`]: a registry node (all shards, bootstrap, leases) and [`node::run`];
 //! - [`client`]: the client used by edges and routers.
 
@@ -31,6 +32,7 @@ mod machine;
 mod network;
 pub mod node;
 mod proposer;
+mod rebalance;
 mod server;
 pub mod shard;
 mod state;

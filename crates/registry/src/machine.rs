@@ -28,18 +28,14 @@ struct Inner {
     data: ShardState,
 }
 
-#[derive(Debug, Clone)]
-struct StoredSnapshot {
-    meta: SnapshotMeta<MemberId, BasicNode>,
-    data: Vec<u8>,
-}
-
 /// The state machine of one shard, shared by openraft and the read path.
 #[derive(Debug)]
 pub(crate) struct Machine {
     shard: u32,
     inner: RwLock<Inner>,
-    current: Mutex<Option<StoredSnapshot>>,
+    /// The latest snapshot's meta; its data stays on disk until a follower needs it (a
+    /// snapshot is the size of the shard: keeping it in memory would double the footprint).
+    current: Mutex<Option<SnapshotMeta<MemberId, BasicNode>>>,
     disk: Arc<Disk>,
     events: broadcast::Sender<Arc<pb::WatchEvent>>,
     built: AtomicU64,
@@ -67,7 +63,7 @@ impl Machine {
             inner.last_applied = meta.last_log_id;
             inner.membership = meta.last_membership.clone();
             inner.data = ShardState::from_snapshot(state);
-            current = Some(StoredSnapshot { meta, data });
+            current = Some(meta);
         }
         let (events, _) = broadcast::channel(watch_capacity.max(1));
         Ok(Arc::new(Machine {
@@ -133,10 +129,7 @@ impl RaftSnapshotBuilder<TypeConfig> for MachineStore {
         metrics::counter!("starling_registry_snapshots_built_total").increment(1);
         metrics::gauge!("starling_registry_snapshot_bytes", "shard" => m.shard.to_string())
             .set(data.len() as f64);
-        *m.current.lock() = Some(StoredSnapshot {
-            meta: meta.clone(),
-            data: data.clone(),
-        });
+        *m.current.lock() = Some(meta.clone());
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -171,6 +164,7 @@ impl RaftStateMachine<TypeConfig> for MachineStore {
         let m = &self.0;
         let mut out = Vec::new();
         let mut inner = m.inner.write();
+        inner.data.quiet = m.events.receiver_count() == 0;
         for entry in entries {
             inner.last_applied = Some(entry.log_id);
             match entry.payload {
@@ -240,19 +234,32 @@ impl RaftStateMachine<TypeConfig> for MachineStore {
             });
         }
         metrics::counter!("starling_registry_snapshots_installed_total").increment(1);
-        *m.current.lock() = Some(StoredSnapshot {
-            meta: meta.clone(),
-            data,
-        });
+        *m.current.lock() = Some(meta.clone());
+        drop(data);
         Ok(())
     }
 
     async fn get_current_snapshot(
         &mut self,
     ) -> Result<Option<Snapshot<TypeConfig>>, StorageError<MemberId>> {
-        Ok(self.0.current.lock().clone().map(|s| Snapshot {
-            meta: s.meta,
-            snapshot: Box::new(Cursor::new(s.data)),
+        if self.0.current.lock().is_none() {
+            return Ok(None);
+        }
+        let read_err = |e: String| StorageError::IO {
+            source: StorageIOError::read_snapshot(None, AnyError::error(e)),
+        };
+        let Some((meta, data)) = self
+            .0
+            .disk
+            .read_snapshot(self.0.shard)
+            .map_err(|e| read_err(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        let meta = codec::snapshot_meta_from_pb(&meta).map_err(|e| read_err(e.to_string()))?;
+        Ok(Some(Snapshot {
+            meta,
+            snapshot: Box::new(Cursor::new(data)),
         }))
     }
 }

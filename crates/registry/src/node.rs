@@ -8,10 +8,10 @@
 //! replicated to. Since openraft 0.9's `initialize` campaigns at once, the designated node
 //! also becomes the shard's first leader, which spreads leaders evenly over the members.
 //!
-//! **Leader placement after failures** is not rebalanced: openraft 0.9 has no leadership
-//! transfer (0.10 adds `trigger().transfer_leader`), and a follower's `trigger().elect()` is
-//! refused while the current leader's lease holds. After a failover the leaders stay where the
-//! elections put them until the next failure.
+//! **Leader placement** after failovers and membership changes: every shard has a preferred
+//! leader derived from its voters (the same rule as the designated initialiser), and a leader
+//! that is not preferred hands the shard over when the preferred voter is caught up (see
+//! `rebalance`), so leaders return to an even spread once the nodes are back.
 //!
 //! **Leases**: the leader of each shard checks every `lease_check` for node leases that have
 //! expired by its clock and proposes one `ExpireLeases` entry for them, stamped with its time;
@@ -78,6 +78,9 @@ pub struct NodeConfig {
     pub lease_check: Duration,
     /// How long a new leader waits before expiring leases.
     pub lease_grace: Duration,
+    /// How often a leader checks whether to hand a shard to its preferred leader; zero turns
+    /// leader spreading off.
+    pub rebalance_interval: Duration,
 }
 
 impl NodeConfig {
@@ -101,6 +104,7 @@ impl NodeConfig {
             watch_buffer: 4096,
             lease_check: Duration::from_millis(500),
             lease_grace: Duration::from_secs(10),
+            rebalance_interval: Duration::from_secs(2),
         }
     }
 }
@@ -293,7 +297,11 @@ impl RegistryNode {
             addr: config.listen,
             source,
         })?;
-        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        // `Server::tcp_nodelay` covers only listeners the server binds itself: without
+        // TCP_NODELAY on accepted sockets, small answers wait for delayed ACKs (~40 ms).
+        let incoming = tonic::transport::server::TcpIncoming::from(listener)
+            .with_nodelay(Some(true))
+            .with_keepalive(Some(Duration::from_secs(30)));
         let server = tonic::transport::Server::builder()
             .tcp_nodelay(true)
             .concurrency_limit_per_connection(MAX_CONCURRENT_PER_CONNECTION)
@@ -331,6 +339,11 @@ impl RegistryNode {
             let (check, grace) = (config.lease_check, config.lease_grace);
             tasks.spawn(async move { lease_keeper(shared, check, grace).await });
         }
+        {
+            let shared = shared.clone();
+            let (every, lease) = (config.rebalance_interval, config.election_timeout.1);
+            tasks.spawn(async move { crate::rebalance::run(shared, every, lease).await });
+        }
         tracing::info!(
             node = config.id,
             addr = %local_addr,
@@ -364,6 +377,22 @@ impl RegistryNode {
     pub fn leader_of(&self, shard: u32) -> Option<MemberId> {
         let s = self.shared.shards.get(shard as usize)?;
         s.raft.metrics().borrow().current_leader
+    }
+
+    /// Whether every shard this node is a member of knows its leader: the node can answer or
+    /// redirect every request. A node not yet added to a shard (it waits to join) does not
+    /// wait for that shard.
+    pub fn leaders_known(&self) -> bool {
+        self.shared.shards.iter().all(|s| {
+            let m = s.raft.metrics();
+            let m = m.borrow();
+            let member = m
+                .membership_config
+                .membership()
+                .nodes()
+                .any(|(id, _)| *id == self.shared.id);
+            !member || m.current_leader.is_some()
+        })
     }
 
     /// The shards this node currently leads.

@@ -3,12 +3,16 @@
 //! being submitted, stamps the batch with the leader's clock, and hands it to openraft; the
 //! results are split back per request. Several entries may be in flight (openraft pipelines
 //! them); their order in the log is the order of submission.
+//!
+//! The rebalancer may **hold** a proposer while it hands the shard's leadership to another
+//! node ([`Proposer::hold`]): requests keep queueing (bounded) and are submitted once the hold
+//! is released, answered `NotLeader` if the leadership moved meanwhile.
 
 use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use openraft::error::ClientWriteError;
-use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 use tokio_util::sync::CancellationToken;
 
 use crate::codec::{MemberId, ShardRaft};
@@ -39,6 +43,17 @@ struct Proposal {
 #[derive(Debug, Clone)]
 pub(crate) struct Proposer {
     tx: mpsc::Sender<Proposal>,
+    hold: Arc<watch::Sender<bool>>,
+}
+
+/// Keeps a proposer's submissions on hold while it lives (see [`Proposer::hold`]).
+#[derive(Debug)]
+pub(crate) struct Hold(Arc<watch::Sender<bool>>);
+
+impl Drop for Hold {
+    fn drop(&mut self) {
+        self.0.send_replace(false);
+    }
 }
 
 /// Milliseconds since the Unix epoch by this node's clock.
@@ -60,15 +75,30 @@ impl Proposer {
         cancel: CancellationToken,
     ) -> (Proposer, tokio::task::JoinHandle<()>) {
         let (tx, rx) = mpsc::channel(queue.max(1));
+        let (hold, held) = watch::channel(false);
         let task = tokio::spawn(run(
             shard,
             raft,
             rx,
+            held,
             max_ops.max(1),
             in_flight.max(1),
             cancel,
         ));
-        (Proposer { tx }, task)
+        (
+            Proposer {
+                tx,
+                hold: Arc::new(hold),
+            },
+            task,
+        )
+    }
+
+    /// Holds new submissions until the returned guard is dropped; entries already submitted
+    /// go on.
+    pub(crate) fn hold(&self) -> Hold {
+        self.hold.send_replace(true);
+        Hold(self.hold.clone())
     }
 
     /// Proposes `ops` and waits for them to be committed and applied; returns the log index
@@ -95,6 +125,7 @@ async fn run(
     shard: u32,
     raft: ShardRaft,
     mut rx: mpsc::Receiver<Proposal>,
+    mut held: watch::Receiver<bool>,
     max_ops: usize,
     in_flight: usize,
     cancel: CancellationToken,
@@ -111,6 +142,12 @@ async fn run(
         let Ok(permit) = permits.clone().acquire_owned().await else {
             return;
         };
+        // A hold (leadership hand-over) keeps the next entry back; what queues meanwhile
+        // joins it.
+        tokio::select! {
+            r = held.wait_for(|h| !*h) => if r.is_err() { return },
+            () = cancel.cancelled() => return,
+        }
         let mut group = vec![first];
         let mut ops_n = group[0].ops.len();
         while ops_n < max_ops {

@@ -129,6 +129,27 @@ impl pb::raft_transport_server::RaftTransport for RaftService {
             result: Some(result),
         }))
     }
+
+    async fn campaign(
+        &self,
+        request: Request<pb::CampaignRequest>,
+    ) -> Result<Response<pb::CampaignResponse>, Status> {
+        let req = request.into_inner();
+        let shard = self.shared.shard(req.shard)?;
+        let refused = crate::rebalance::campaign(self.shared.id, shard, &req).await;
+        if let Some(reason) = &refused {
+            tracing::info!(
+                shard = req.shard,
+                from = req.from,
+                reason,
+                "registry campaign refused"
+            );
+        }
+        Ok(Response::new(pb::CampaignResponse {
+            started: refused.is_none(),
+            refused: refused.unwrap_or_default(),
+        }))
+    }
 }
 
 /// The client API.

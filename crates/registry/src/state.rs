@@ -25,6 +25,9 @@ pub(crate) struct ShardState {
     leases: BTreeMap<String, u64>,
     /// Number of sessions, kept in step with `accounts`.
     sessions: usize,
+    /// Nobody watches the shard: applying builds no account changes (each would clone the
+    /// account's sessions). Not replicated state; the machine sets it before each apply.
+    pub(crate) quiet: bool,
 }
 
 /// What applying one batch produced: one result per operation, and the account changes for
@@ -93,13 +96,23 @@ impl ShardState {
         out
     }
 
-    fn change(&self, bare: &str, removed: Vec<pb::Session>) -> pb::Change {
-        pb::Change {
+    /// Records the change of account `bare` for the watch stream (unless `quiet`).
+    fn note(
+        &self,
+        changes: &mut Vec<pb::Change>,
+        bare: &str,
+        removed: Vec<pb::Session>,
+        expired: Option<&str>,
+    ) {
+        if self.quiet {
+            return;
+        }
+        changes.push(pb::Change {
             bare: bare.to_owned(),
             sessions: self.accounts.get(bare).cloned().unwrap_or_default(),
             removed,
-            expired_node: None,
-        }
+            expired_node: expired.map(str::to_owned),
+        });
     }
 
     fn bind(&mut self, b: &pb::Bind, changes: &mut Vec<pb::Change>) -> pb::OpResult {
@@ -133,7 +146,7 @@ impl ShardState {
             sessions.push(session);
             self.sessions += 1;
         }
-        changes.push(self.change(&bare, replaced.iter().cloned().collect()));
+        self.note(changes, &bare, replaced.iter().cloned().collect(), None);
         result(pb::op_result::Result::Bind(pb::BindResult {
             replaced,
             limit_reached: false,
@@ -157,7 +170,7 @@ impl ShardState {
         }
         let changed = !removed.is_empty();
         if changed {
-            changes.push(self.change(bare, removed));
+            self.note(changes, bare, removed, None);
         }
         result(pb::op_result::Result::Changed(changed))
     }
@@ -179,7 +192,7 @@ impl ShardState {
             None => false,
         };
         if changed {
-            changes.push(self.change(bare_of(&p.jid), Vec::new()));
+            self.note(changes, bare_of(&p.jid), Vec::new(), None);
         }
         result(pb::op_result::Result::Changed(changed))
     }
@@ -197,7 +210,7 @@ impl ShardState {
             None => false,
         };
         if changed {
-            changes.push(self.change(bare_of(&r.jid), Vec::new()));
+            self.note(changes, bare_of(&r.jid), Vec::new(), None);
         }
         result(pb::op_result::Result::Changed(changed))
     }
@@ -235,9 +248,7 @@ impl ShardState {
                 self.accounts.remove(&bare);
             }
             all.extend(removed.iter().cloned());
-            let mut change = self.change(&bare, removed);
-            change.expired_node = expired.map(str::to_owned);
-            changes.push(change);
+            self.note(changes, &bare, removed, expired);
         }
         all
     }

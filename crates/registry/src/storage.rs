@@ -9,6 +9,10 @@
 //! callback after the shared fsync, so a burst of appends from many shards costs one fsync, not
 //! one each (DESIGN.md, "The registry's throughput comes from batching").
 //!
+//! The committed pointer of each shard is not a request of its own: it is noted in memory and
+//! written with the next group that holds the log entries it points at, so it never costs an
+//! fsync (it only speeds up a restart, which otherwise learns it from the leader).
+//!
 //! The unpurged log of each shard is also kept in memory for reads; snapshots bound it.
 
 use std::collections::BTreeMap;
@@ -44,6 +48,9 @@ const KEY_SNAPSHOT_META: &str = "snapshot_meta";
 
 /// Most requests one transaction takes; the rest wait for the next one.
 const MAX_GROUP: usize = 4096;
+/// redb's page cache. The log is read from memory and snapshots are read rarely, so the cache
+/// only serves writes; redb's default (1 GiB) would grow with the file.
+const CACHE_BYTES: usize = 64 * 1024 * 1024;
 
 /// A storage failure.
 #[derive(Debug, thiserror::Error)]
@@ -119,6 +126,8 @@ pub(crate) struct Disk {
     /// Transactions committed (each one fsync), read by tests.
     #[cfg_attr(not(test), allow(dead_code))]
     commits: Arc<AtomicU64>,
+    /// Committed pointers noted and not yet written, by shard.
+    committed: Arc<Mutex<BTreeMap<u32, LogId<MemberId>>>>,
 }
 
 impl std::fmt::Debug for DiskOp {
@@ -138,7 +147,10 @@ impl Disk {
     /// Opens (or creates) the database at `path` and starts the writer thread. `queue` bounds
     /// the requests waiting for the writer; a full queue makes appends wait (backpressure).
     pub(crate) fn open(path: &Path, queue: usize) -> Result<Arc<Disk>, StoreError> {
-        let db = Database::create(path).map_err(StoreError::db)?;
+        let db = redb::Builder::new()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(StoreError::db)?;
         let txn = db.begin_write().map_err(StoreError::db)?;
         txn.open_table(LOG).map_err(StoreError::db)?;
         txn.open_table(META).map_err(StoreError::db)?;
@@ -148,16 +160,18 @@ impl Disk {
         let (tx, rx) = mpsc::channel(queue.max(1));
         let writer_db = db.clone();
         let commits = Arc::new(AtomicU64::new(0));
-        let writer_commits = commits.clone();
+        let committed = Arc::new(Mutex::new(BTreeMap::new()));
+        let (writer_commits, writer_committed) = (commits.clone(), committed.clone());
         let writer = std::thread::Builder::new()
             .name("registry-disk".into())
-            .spawn(move || writer_loop(writer_db, rx, &writer_commits))
+            .spawn(move || writer_loop(writer_db, rx, &writer_commits, &writer_committed))
             .map_err(StoreError::db)?;
         Ok(Arc::new(Disk {
             tx,
             db: Mutex::new(Some(db)),
             writer: Mutex::new(Some(writer)),
             commits,
+            committed,
         }))
     }
 
@@ -236,6 +250,33 @@ impl Disk {
         }
     }
 
+    /// The latest snapshot of `shard`, its meta and data read in one transaction (they are
+    /// written in one), so they always belong together.
+    pub(crate) fn read_snapshot(
+        &self,
+        shard: u32,
+    ) -> Result<Option<(pb::SnapshotMeta, Vec<u8>)>, StoreError> {
+        let db = self.db.lock().clone().ok_or(StoreError::Closed)?;
+        let txn = db.begin_read().map_err(StoreError::db)?;
+        let meta_t = txn.open_table(META).map_err(StoreError::db)?;
+        let snap_t = txn.open_table(SNAPSHOT).map_err(StoreError::db)?;
+        let Some(meta) = meta_t
+            .get((shard, KEY_SNAPSHOT_META))
+            .map_err(StoreError::db)?
+            .map(|v| v.value().to_vec())
+        else {
+            return Ok(None);
+        };
+        let meta = pb::SnapshotMeta::decode(meta.as_slice())
+            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        let data = snap_t
+            .get(shard)
+            .map_err(StoreError::db)?
+            .map(|v| v.value().to_vec())
+            .unwrap_or_default();
+        Ok(Some((meta, data)))
+    }
+
     /// Persists a snapshot of `shard` (replacing the previous one) and waits for the fsync.
     pub(crate) async fn save_snapshot(
         &self,
@@ -253,6 +294,11 @@ impl Disk {
         .await
     }
 
+    /// Notes the committed pointer of `shard`; written with a later group (see the module doc).
+    pub(crate) fn note_committed(&self, shard: u32, committed: LogId<MemberId>) {
+        self.committed.lock().insert(shard, committed);
+    }
+
     /// How many transactions the writer has committed.
     #[cfg(test)]
     pub(crate) fn commits(&self) -> u64 {
@@ -260,8 +306,55 @@ impl Disk {
     }
 }
 
-fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<DiskOp>, commits: &AtomicU64) {
+/// The highest log index each shard has written in this process (entries before the start
+/// are not counted: a committed pointer then waits for the next append).
+type Written = BTreeMap<u32, u64>;
+
+/// The committed pointers that may go into `group`: those whose entry is written by now or
+/// by this group. The others stay noted.
+fn committed_for(
+    group: &[DiskOp],
+    written: &mut Written,
+    noted: &Mutex<BTreeMap<u32, LogId<MemberId>>>,
+) -> Vec<(u32, Vec<u8>)> {
+    for op in group {
+        match op {
+            DiskOp::Append { shard, entries, .. } => {
+                if let Some((last, _)) = entries.last() {
+                    written.insert(*shard, *last);
+                }
+            }
+            DiskOp::Truncate { shard, from, .. } => {
+                if let Some(w) = written.get_mut(shard) {
+                    *w = (*w).min(from.saturating_sub(1));
+                }
+            }
+            _ => {}
+        }
+    }
+    let mut noted = noted.lock();
+    let ready: Vec<u32> = noted
+        .iter()
+        .filter(|(shard, l)| written.get(*shard).is_some_and(|w| l.index <= *w))
+        .map(|(shard, _)| *shard)
+        .collect();
+    ready
+        .into_iter()
+        .filter_map(|shard| {
+            let l = noted.remove(&shard)?;
+            Some((shard, codec::log_id_to_pb(&l).encode_to_vec()))
+        })
+        .collect()
+}
+
+fn writer_loop(
+    db: Arc<Database>,
+    mut rx: mpsc::Receiver<DiskOp>,
+    commits: &AtomicU64,
+    noted: &Mutex<BTreeMap<u32, LogId<MemberId>>>,
+) {
     let mut group: Vec<DiskOp> = Vec::new();
+    let mut written = Written::new();
     while let Some(first) = rx.blocking_recv() {
         group.push(first);
         while group.len() < MAX_GROUP {
@@ -271,8 +364,9 @@ fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<DiskOp>, commits: &Atom
             }
         }
         let stop = group.iter().any(|op| matches!(op, DiskOp::Stop));
+        let committed = committed_for(&group, &mut written, noted);
         let started = std::time::Instant::now();
-        let result = write_group(&db, &group).map_err(|e| e.to_string());
+        let result = write_group(&db, &group, &committed).map_err(|e| e.to_string());
         commits.fetch_add(1, Ordering::Relaxed);
         metrics::histogram!("starling_registry_disk_commit_seconds")
             .record(started.elapsed().as_secs_f64());
@@ -308,7 +402,11 @@ fn writer_loop(db: Arc<Database>, mut rx: mpsc::Receiver<DiskOp>, commits: &Atom
     }
 }
 
-fn write_group(db: &Database, group: &[DiskOp]) -> Result<(), redb::Error> {
+fn write_group(
+    db: &Database,
+    group: &[DiskOp],
+    committed: &[(u32, Vec<u8>)],
+) -> Result<(), redb::Error> {
     let mut txn = db.begin_write()?;
     txn.set_durability(Durability::Immediate)
         .map_err(|e| redb::Error::Corrupted(e.to_string()))?;
@@ -351,6 +449,9 @@ fn write_group(db: &Database, group: &[DiskOp]) -> Result<(), redb::Error> {
                 }
                 DiskOp::Stop => {}
             }
+        }
+        for (shard, value) in committed {
+            meta.insert((*shard, KEY_COMMITTED), value.as_slice())?;
         }
     }
     txn.commit()?;
@@ -397,6 +498,29 @@ impl LogStore {
     }
 }
 
+/// `entries` if they begin at the range's start, else nothing. A leader's replication task
+/// may ask for entries a concurrent purge (after a snapshot) has just removed; answering with
+/// the later entries would ship them with the wrong `prev_log_id`, and the follower would
+/// apply a log with a hole. Nothing is a legal answer ("fewer entries than asked"): openraft
+/// then sends a heartbeat, sees the purge, and sends the snapshot.
+fn contiguous_from(
+    start: std::ops::Bound<u64>,
+    entries: Vec<Entry<TypeConfig>>,
+) -> Vec<Entry<TypeConfig>> {
+    let want = match start {
+        std::ops::Bound::Included(i) => Some(i),
+        std::ops::Bound::Excluded(i) => Some(i.saturating_add(1)),
+        std::ops::Bound::Unbounded => None,
+    };
+    match (want, entries.first()) {
+        (Some(w), Some(first)) if first.log_id.index != w => {
+            metrics::counter!("starling_registry_log_reads_behind_purge_total").increment(1);
+            Vec::new()
+        }
+        _ => entries,
+    }
+}
+
 impl RaftLogReader<TypeConfig> for LogStore {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + Send>(
         &mut self,
@@ -405,11 +529,12 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let start = range.start_bound().cloned();
         let end = range.end_bound().cloned();
         let mem = self.mem.lock();
-        Ok(mem
+        let entries: Vec<Entry<TypeConfig>> = mem
             .log
             .range((start, end))
             .map(|(_, e)| e.clone())
-            .collect())
+            .collect();
+        Ok(contiguous_from(start, entries))
     }
 }
 
@@ -460,17 +585,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     ) -> Result<(), StorageError<MemberId>> {
         self.mem.lock().committed = committed;
         if let Some(c) = committed {
-            // Not waited for: the committed pointer only speeds up a restart, and the queue
-            // keeps it in order with the appends.
-            self.disk
-                .send(DiskOp::Meta {
-                    shard: self.shard,
-                    key: KEY_COMMITTED,
-                    value: codec::log_id_to_pb(&c).encode_to_vec(),
-                    done: None,
-                })
-                .await
-                .map_err(|e| io_err(StorageIOError::write, e))?;
+            // Not waited for, and no request of its own (see the module doc).
+            self.disk.note_committed(self.shard, c);
         }
         Ok(())
     }
@@ -558,6 +674,27 @@ mod tests {
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
         dir
+    }
+
+    #[test]
+    fn reads_below_a_purge_answer_nothing_rather_than_a_gap() {
+        use std::ops::Bound;
+        let entry = |i: u64| Entry::<TypeConfig> {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), i),
+            payload: openraft::EntryPayload::Blank,
+        };
+        let later = vec![entry(5010), entry(5011)];
+        assert!(contiguous_from(Bound::Included(0), later.clone()).is_empty());
+        assert_eq!(
+            contiguous_from(Bound::Included(5010), later.clone()).len(),
+            2
+        );
+        assert_eq!(
+            contiguous_from(Bound::Excluded(5009), later.clone()).len(),
+            2
+        );
+        assert_eq!(contiguous_from(Bound::Unbounded, later).len(), 2);
+        assert!(contiguous_from(Bound::Included(3), Vec::new()).is_empty());
     }
 
     #[tokio::test]

@@ -76,6 +76,53 @@ async fn render_metrics(State(state): State<AdminState>) -> impl IntoResponse {
     )
 }
 
+/// The admin endpoint running as its own task: started before everything else, so
+/// `/healthz` answers (and `/readyz` says 503) while the rest starts, and stopped last.
+#[derive(Debug)]
+pub(crate) struct AdminEndpoint {
+    pub(crate) readiness: Arc<Readiness>,
+    pub(crate) addr: std::net::SocketAddr,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Binds `addr` and serves the endpoint, not ready yet.
+pub(crate) async fn start(
+    addr: std::net::SocketAddr,
+    metrics: Metrics,
+) -> anyhow::Result<AdminEndpoint> {
+    use anyhow::Context;
+    let readiness = Arc::new(Readiness::default());
+    readiness.set(false);
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("cannot bind the admin listener on {addr}"))?;
+    let addr = listener.local_addr()?;
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(serve(listener, readiness.clone(), metrics, cancel.clone()));
+    tracing::info!(%addr, "admin endpoint listening");
+    Ok(AdminEndpoint {
+        readiness,
+        addr,
+        cancel,
+        task,
+    })
+}
+
+impl AdminEndpoint {
+    /// Stops the endpoint, giving its connections `grace` to close.
+    pub(crate) async fn stop(mut self, grace: Duration) {
+        self.readiness.set(false);
+        self.cancel.cancel();
+        match tokio::time::timeout(grace, &mut self.task).await {
+            Ok(Ok(Ok(()))) => {}
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "admin endpoint failed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "admin task failed"),
+            Err(_) => self.task.abort(),
+        }
+    }
+}
+
 /// Serves the admin endpoint on an already bound listener until `cancel` fires, running the
 /// recorder's upkeep meanwhile.
 pub(crate) async fn serve(

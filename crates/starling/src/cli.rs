@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::config::{CliOverrides, ENV_PREFIX, Sources};
+use crate::config::{CliOverrides, ENV_PREFIX, RegistryOverrides, Sources};
 
 /// Starling: a clustered XMPP server. `starling serve` runs a complete single-node server.
 #[derive(Debug, Parser)]
@@ -43,6 +43,85 @@ pub(crate) enum Command {
     /// Inspect the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Run a node of the replicated session registry (`[registry]`), or manage the members
+    /// of a running registry cluster (`starling registry members ...`).
+    Registry(RegistryArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub(crate) struct RegistryArgs {
+    #[command(subcommand)]
+    pub(crate) command: Option<RegistryCommand>,
+    #[command(flatten)]
+    pub(crate) node: RegistryNodeArgs,
+}
+
+/// Flags of `starling registry` (running a node) that override configuration keys.
+#[derive(Debug, Args, Default)]
+pub(crate) struct RegistryNodeArgs {
+    /// The gRPC listen address (replaces `registry.listen`).
+    #[arg(long, value_name = "ADDR")]
+    pub(crate) listen: Option<String>,
+    /// The `host:port` peers and clients use (replaces `registry.advertise`).
+    #[arg(long, value_name = "HOST:PORT")]
+    pub(crate) advertise: Option<String>,
+    /// This member's id (replaces `registry.node_id`).
+    #[arg(long = "node-id", value_name = "ID")]
+    pub(crate) node_id: Option<u64>,
+    /// `ID=HOST:PORT` of a member of a new cluster; repeat for each (replaces
+    /// `registry.initial_members`).
+    #[arg(long = "initial-member", value_name = "ID=HOST:PORT")]
+    pub(crate) initial_members: Vec<String>,
+    /// Number of shards of a new cluster (replaces `registry.shards`).
+    #[arg(long, value_name = "N")]
+    pub(crate) shards: Option<u32>,
+    /// The admin HTTP listener address (replaces `admin.listen`).
+    #[arg(long = "admin-listen", value_name = "ADDR")]
+    pub(crate) admin_listen: Option<String>,
+    /// Log filter (replaces `log.level`; beats `RUST_LOG`).
+    #[arg(long = "log-level", value_name = "FILTER")]
+    pub(crate) log_level: Option<String>,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum RegistryCommand {
+    /// List, add or remove the members of a running registry cluster.
+    Members(MembersArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct MembersArgs {
+    /// A registry member to ask (`host:port`); repeat for several. Default: this node's
+    /// `registry.advertise` and the `registry.initial_members`.
+    #[arg(long = "seed", value_name = "HOST:PORT", global = true)]
+    pub(crate) seeds: Vec<String>,
+    /// How long a membership change may take, in seconds (each shard waits for a new member
+    /// to catch up).
+    #[arg(long, value_name = "SECS", default_value_t = 120, global = true)]
+    pub(crate) timeout: u64,
+    #[command(subcommand)]
+    pub(crate) action: MembersAction,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum MembersAction {
+    /// Print every shard's voters, learners, leader, term and indexes.
+    List,
+    /// Add a running node (started with no initial members) to every shard: as a learner,
+    /// then, once caught up, as a voter.
+    Add {
+        /// Its member id (never used before in this cluster).
+        id: u64,
+        /// Its `host:port`.
+        addr: String,
+    },
+    /// Remove a member from every shard (a dead one too; replace it by adding a new node
+    /// with a new id).
+    Remove {
+        /// Its member id.
+        id: u64,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -150,8 +229,25 @@ impl Cli {
                 admin_listen: o.admin_listen.clone(),
                 registration: o.registration.clone(),
                 log_level: o.log_level.clone(),
+                registry: RegistryOverrides::default(),
             },
         }
+    }
+
+    /// The configuration layers of `starling registry`.
+    pub(crate) fn registry_sources(&self, args: &RegistryArgs) -> Sources {
+        let mut sources = self.sources(None);
+        let n = &args.node;
+        sources.cli.admin_listen.clone_from(&n.admin_listen);
+        sources.cli.log_level.clone_from(&n.log_level);
+        sources.cli.registry = RegistryOverrides {
+            listen: n.listen.clone(),
+            advertise: n.advertise.clone(),
+            node_id: n.node_id,
+            initial_members: n.initial_members.clone(),
+            shards: n.shards,
+        };
+        sources
     }
 }
 
@@ -200,6 +296,50 @@ mod tests {
         assert_eq!(sources.cli.domains, vec!["a.example", "b.example"]);
         assert_eq!(sources.cli.registration.as_deref(), Some("open"));
         assert!(Cli::try_parse_from(["starling", "serve", "--registration", "sometimes"]).is_err());
+    }
+
+    #[test]
+    fn registry_node_flags_and_members_commands() {
+        let cli = Cli::try_parse_from([
+            "starling",
+            "--data-dir",
+            "/d",
+            "registry",
+            "--listen",
+            "127.0.0.1:5290",
+            "--node-id",
+            "2",
+            "--initial-member",
+            "1=a:1",
+            "--initial-member",
+            "2=b:2",
+        ])
+        .unwrap();
+        let Command::Registry(args) = &cli.command else {
+            panic!("expected registry");
+        };
+        assert!(args.command.is_none());
+        let sources = cli.registry_sources(args);
+        assert_eq!(sources.cli.registry.node_id, Some(2));
+        assert_eq!(sources.cli.registry.initial_members, ["1=a:1", "2=b:2"]);
+        let cli = Cli::try_parse_from([
+            "starling", "registry", "members", "add", "4", "d:4", "--seed", "a:1",
+        ])
+        .unwrap();
+        let Command::Registry(RegistryArgs {
+            command: Some(RegistryCommand::Members(m)),
+            ..
+        }) = &cli.command
+        else {
+            panic!("expected registry members");
+        };
+        assert_eq!(m.seeds, ["a:1"]);
+        assert!(matches!(m.action, MembersAction::Add { id: 4, ref addr } if addr == "d:4"));
+        // Node flags do not mix with the members commands.
+        assert!(
+            Cli::try_parse_from(["starling", "registry", "--node-id", "1", "members", "list"])
+                .is_err()
+        );
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! `starling`, the server binary: configuration (TOML file, `STARLING_*` environment, flags),
 //! `starling serve` (edge + router + in-memory session registry + embedded redb store in one
-//! process), account administration (`starling user ...`), `starling config check`, logs,
-//! metrics and the admin HTTP endpoint.
+//! process), `starling registry` (a node of the replicated session registry, and
+//! `registry members ...`), account administration (`starling user ...`),
+//! `starling config check`, logs, metrics and the admin HTTP endpoint.
 //!
 //! It sits outside the stanza path: it builds the roles, hands each its settings and links,
 //! and owns the process's lifecycle (readiness, signals, graceful shutdown). It must never
@@ -13,6 +14,7 @@
 mod admin;
 mod cli;
 mod config;
+mod registry;
 mod runfiles;
 mod serve;
 mod telemetry;
@@ -27,7 +29,7 @@ use std::process::ExitCode;
 
 use clap::Parser;
 
-use crate::cli::{Cli, Command, ConfigCommand};
+use crate::cli::{Cli, Command, ConfigCommand, RegistryCommand};
 use crate::config::{Checked, resolve};
 
 fn main() -> ExitCode {
@@ -36,6 +38,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => cli.sources(Some(&args.overrides)),
         Command::Config(ConfigCommand::Check(args)) => cli.sources(Some(&args.overrides)),
         Command::User(_) => cli.sources(None),
+        Command::Registry(args) => cli.registry_sources(args),
     };
     let checked = match resolve(&sources) {
         Ok(checked) => checked,
@@ -49,7 +52,11 @@ fn main() -> ExitCode {
         }
     };
     match cli.command {
-        Command::Serve(_) => serve(checked),
+        Command::Serve(_) => serve(checked, Role::Serve),
+        Command::Registry(args) => match args.command {
+            None => serve(checked, Role::Registry),
+            Some(RegistryCommand::Members(members)) => report(registry_members(members, &checked)),
+        },
         Command::User(command) => report(user(command, &checked)),
         Command::Config(ConfigCommand::Check(_)) => report(print_config(&checked)),
     }
@@ -65,13 +72,22 @@ fn report(result: anyhow::Result<()>) -> ExitCode {
     }
 }
 
+/// Which long-running process to be.
+#[derive(Debug, Clone, Copy)]
+enum Role {
+    /// `starling serve`.
+    Serve,
+    /// `starling registry`.
+    Registry,
+}
+
 /// Runs the server; once logging is up, a failure is reported as a log line (text or JSON,
 /// as configured) rather than printed beside it.
-fn serve(checked: Checked) -> ExitCode {
+fn serve(checked: Checked, role: Role) -> ExitCode {
     if let Err(e) = telemetry::init_tracing(&checked.config.log, checked.log_level_from_cli) {
         return report(Err(e));
     }
-    match run_server(checked) {
+    match run_server(checked, role) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!(error = format!("{e:#}"), "exiting");
@@ -80,7 +96,7 @@ fn serve(checked: Checked) -> ExitCode {
     }
 }
 
-fn run_server(checked: Checked) -> anyhow::Result<()> {
+fn run_server(checked: Checked, role: Role) -> anyhow::Result<()> {
     let metrics = telemetry::Metrics::install()?;
     tracing::info!(
         version = env!("CARGO_PKG_VERSION"),
@@ -92,17 +108,31 @@ fn run_server(checked: Checked) -> anyhow::Result<()> {
         .enable_all()
         .thread_name("starling")
         .build()?;
-    runtime.block_on(serve::run(checked, metrics))
+    match role {
+        Role::Serve => runtime.block_on(serve::run(checked, metrics)),
+        Role::Registry => runtime.block_on(registry::run(checked, metrics)),
+    }
 }
 
-fn user(command: cli::UserCommand, checked: &Checked) -> anyhow::Result<()> {
-    // Administration is quiet unless asked: warnings only, or `RUST_LOG`.
+fn registry_members(args: cli::MembersArgs, checked: &Checked) -> anyhow::Result<()> {
+    let runtime = admin_runtime(checked)?;
+    let stdout = std::io::stdout();
+    runtime.block_on(registry::members(args, checked, &mut stdout.lock()))
+}
+
+/// Administration commands are quiet unless asked (warnings only, or `RUST_LOG`) and run on
+/// one thread.
+fn admin_runtime(checked: &Checked) -> anyhow::Result<tokio::runtime::Runtime> {
     let mut log = checked.config.log.clone();
     log.level = "warn".to_owned();
     telemetry::init_tracing(&log, false)?;
-    let runtime = tokio::runtime::Builder::new_current_thread()
+    Ok(tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        .build()?;
+        .build()?)
+}
+
+fn user(command: cli::UserCommand, checked: &Checked) -> anyhow::Result<()> {
+    let runtime = admin_runtime(checked)?;
     let stdin = std::io::stdin();
     let stdout = std::io::stdout();
     runtime.block_on(users::run(

@@ -109,13 +109,19 @@ impl Listeners {
 }
 
 /// `<data_dir>/run/listeners.json`.
+#[cfg(test)]
 pub(crate) fn listeners_path(data_dir: &Path) -> PathBuf {
     data_dir.join(RUN_DIR).join(LISTENERS_FILE)
 }
 
 /// Removes a listeners file left by an earlier run, so nobody mistakes it for this one's.
 pub(crate) fn remove_listeners(data_dir: &Path) -> anyhow::Result<()> {
-    let path = listeners_path(data_dir);
+    remove_run_file(data_dir, LISTENERS_FILE)
+}
+
+/// Removes `run/<name>` if it exists.
+pub(crate) fn remove_run_file(data_dir: &Path, name: &str) -> anyhow::Result<()> {
+    let path = data_dir.join(RUN_DIR).join(name);
     match fs::remove_file(&path) {
         Ok(()) => Ok(()),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
@@ -126,12 +132,20 @@ pub(crate) fn remove_listeners(data_dir: &Path) -> anyhow::Result<()> {
 /// Writes `run/listeners.json` through a temporary file and a rename, so a reader sees the
 /// whole file or none.
 pub(crate) fn write_listeners(data_dir: &Path, listeners: &Listeners) -> anyhow::Result<PathBuf> {
+    write_run_file(data_dir, LISTENERS_FILE, &listeners.to_json())
+}
+
+/// Writes `run/<name>` atomically (temporary file and rename).
+pub(crate) fn write_run_file(
+    data_dir: &Path,
+    name: &str,
+    contents: &str,
+) -> anyhow::Result<PathBuf> {
     let dir = data_dir.join(RUN_DIR);
     create_private_dir(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    let path = dir.join(LISTENERS_FILE);
-    let tmp = dir.join(format!("{LISTENERS_FILE}.tmp"));
-    fs::write(&tmp, listeners.to_json())
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    let path = dir.join(name);
+    let tmp = dir.join(format!("{name}.tmp"));
+    fs::write(&tmp, contents).with_context(|| format!("cannot write {}", tmp.display()))?;
     fs::rename(&tmp, &path).with_context(|| format!("cannot write {}", path.display()))?;
     Ok(path)
 }

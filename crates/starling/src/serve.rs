@@ -15,12 +15,11 @@ use anyhow::{Context, bail};
 use starling_cluster::Edges;
 use starling_registry::{LocalRegistry, NodeId, SessionRegistry};
 use starling_store::Store;
-use tokio::net::TcpListener;
 use tokio::signal::unix::{SignalKind, signal};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 
-use crate::admin::{self, Readiness};
+use crate::admin;
 use crate::config::Checked;
 use crate::runfiles::{self, Listeners};
 use crate::telemetry::Metrics;
@@ -67,20 +66,8 @@ pub(crate) async fn run(checked: Checked, metrics: Metrics) -> anyhow::Result<()
 
     // The admin endpoint comes up first, so `/healthz` answers (and `/readyz` says 503) while
     // the rest starts.
-    let readiness = Arc::new(Readiness::default());
-    readiness.set(false);
-    let admin_listener = TcpListener::bind(checked.admin)
-        .await
-        .with_context(|| format!("cannot bind the admin listener on {}", checked.admin))?;
-    let admin_addr = admin_listener.local_addr()?;
-    let admin_cancel = CancellationToken::new();
-    let mut admin_task = tokio::spawn(admin::serve(
-        admin_listener,
-        readiness.clone(),
-        metrics,
-        admin_cancel.clone(),
-    ));
-    tracing::info!(addr = %admin_addr, "admin endpoint listening");
+    let admin = admin::start(checked.admin, metrics).await?;
+    let (readiness, admin_addr) = (admin.readiness.clone(), admin.addr);
 
     let cancel = CancellationToken::new();
     let mut tasks: RoleTasks = JoinSet::new();
@@ -132,13 +119,7 @@ pub(crate) async fn run(checked: Checked, metrics: Metrics) -> anyhow::Result<()
     cancel.cancel();
     let drained = drain(&mut tasks).await;
 
-    admin_cancel.cancel();
-    match tokio::time::timeout(ADMIN_GRACE, &mut admin_task).await {
-        Ok(Ok(Ok(()))) => {}
-        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "admin endpoint failed"),
-        Ok(Err(e)) => tracing::warn!(error = %e, "admin task failed"),
-        Err(_) => admin_task.abort(),
-    }
+    admin.stop(ADMIN_GRACE).await;
     drop(store);
     if let Err(e) = runfiles::remove_listeners(&data_dir) {
         tracing::warn!(error = %e, "cannot remove the listeners file");

@@ -290,10 +290,8 @@ impl AccountStore for RedbStore {
 
     async fn exists(&self, user: &BareUser) -> Result<bool, StoreError> {
         let user = user.clone();
-        self.read(move |txn| {
-            Ok(txn.open_table(ACCOUNTS)?.get(key(&user))?.is_some())
-        })
-        .await
+        self.read(move |txn| Ok(txn.open_table(ACCOUNTS)?.get(key(&user))?.is_some()))
+            .await
     }
 
     async fn list(&self, domain: &str) -> Result<Vec<String>, StoreError> {

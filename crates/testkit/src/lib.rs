@@ -8,7 +8,10 @@
 //! [`Metrics`] parses the Prometheus text of `/metrics`. [`RawClient`] speaks XMPP byte by byte
 //! over TCP and tokio-rustls (STARTTLS, direct TLS, SCRAM-SHA-256, PLAIN, in-band
 //! registration), for the negative tests where a real client library cannot misbehave on
-//! purpose.
+//! purpose. [`RegistryCluster`] starts N `starling registry` processes on distinct loopback
+//! addresses, bootstrapped as one cluster, for the fault tests (kill -9, SIGSTOP/SIGCONT,
+//! restarts with and without data); [`history`] records operations and checks that every
+//! acknowledged write survived and reads were linearizable.
 //!
 //! What it must never do: talk to anything but loopback addresses; sleep as a means of
 //! synchronisation (every wait polls an observable condition against a deadline); leave a
@@ -23,9 +26,12 @@ mod cert;
 mod client;
 mod config;
 mod error;
+pub mod history;
 mod http;
 mod metrics;
 mod paths;
+mod process;
+mod registry;
 mod server;
 
 pub use binary::{starling_binary, workspace_root};
@@ -39,4 +45,5 @@ pub use config::{Registration, ServerConfig};
 pub use error::HarnessError;
 pub use http::{HttpResponse, http_get};
 pub use metrics::{Metrics, Sample};
+pub use registry::{RegistryCluster, RegistryClusterBuilder, RegistryProcess};
 pub use server::{Listeners, TestServer, TestServerBuilder};

@@ -13,10 +13,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-use rustix::process::{Pid, Signal, kill_process};
 use serde::Deserialize;
 use toml::Value;
 
+use crate::process::{self, wait_timeout};
 use crate::{
     HarnessError, HttpResponse, Metrics, Registration, ServerConfig, TestCert, http_get, paths,
     shared_cert, starling_binary,
@@ -387,33 +387,12 @@ impl TestServer {
 
     /// SIGKILL, then reap the process.
     pub fn kill(&mut self) -> Result<ExitStatus, HarnessError> {
-        let mut child = self.child.take().ok_or(HarnessError::NotRunning)?;
-        // Killing a process that already exited fails harmlessly; wait reports its status.
-        let _ = child.kill();
-        child
-            .wait()
-            .map_err(|e| HarnessError::io("waiting for the killed server", e))
+        process::kill(&mut self.child)
     }
 
     /// SIGTERM, then wait for a graceful exit (killing it after 15 s, which is an error).
     pub fn terminate(&mut self) -> Result<ExitStatus, HarnessError> {
-        let mut child = self.child.take().ok_or(HarnessError::NotRunning)?;
-        // A paused process would never handle SIGTERM.
-        let _ = signal(&child, Signal::CONT);
-        signal(&child, Signal::TERM)?;
-        match wait_timeout(&mut child, TERMINATE_TIMEOUT)? {
-            Some(status) => Ok(status),
-            None => {
-                let _ = child.kill();
-                let _ = child.wait();
-                Err(HarnessError::NotReady {
-                    timeout: TERMINATE_TIMEOUT,
-                    reason: "the server did not exit after SIGTERM; killed it".into(),
-                    log: self.log_path.clone(),
-                    tail: self.log_tail(TAIL_LINES),
-                })
-            }
-        }
+        process::terminate(&mut self.child, TERMINATE_TIMEOUT, &self.log_path)
     }
 
     /// Waits for the process to exit by itself.
@@ -435,36 +414,12 @@ impl TestServer {
 
     /// SIGSTOP, and wait until the kernel reports the process stopped.
     pub fn pause(&mut self) -> Result<(), HarnessError> {
-        let child = self.child.as_ref().ok_or(HarnessError::NotRunning)?;
-        signal(child, Signal::STOP)?;
-        self.wait_state(|s| s == 'T' || s == 't', "stopped")
+        process::pause(self.child.as_ref(), &self.log_path)
     }
 
     /// SIGCONT, and wait until the process runs again.
     pub fn resume(&mut self) -> Result<(), HarnessError> {
-        let child = self.child.as_ref().ok_or(HarnessError::NotRunning)?;
-        signal(child, Signal::CONT)?;
-        self.wait_state(|s| s != 'T' && s != 't', "running")
-    }
-
-    fn wait_state(&self, wanted: impl Fn(char) -> bool, what: &str) -> Result<(), HarnessError> {
-        let pid = self.pid().ok_or(HarnessError::NotRunning)?;
-        let deadline = Instant::now() + Duration::from_secs(5);
-        loop {
-            match process_state(pid) {
-                Some(state) if wanted(state) => return Ok(()),
-                None => return Err(HarnessError::NotRunning),
-                Some(_) if Instant::now() >= deadline => {
-                    return Err(HarnessError::NotReady {
-                        timeout: Duration::from_secs(5),
-                        reason: format!("the process did not become {what}"),
-                        log: self.log_path.clone(),
-                        tail: self.log_tail(TAIL_LINES),
-                    });
-                }
-                Some(_) => std::thread::sleep(POLL),
-            }
-        }
+        process::resume(self.child.as_ref(), &self.log_path)
     }
 
     /// Stops the server (gracefully if it is running) and starts it again on the same data
@@ -572,12 +527,7 @@ impl TestServer {
     }
 
     fn not_ready(&self, timeout: Duration, reason: String) -> HarnessError {
-        HarnessError::NotReady {
-            timeout,
-            reason,
-            log: self.log_path.clone(),
-            tail: self.log_tail(TAIL_LINES),
-        }
+        process::failed(&self.log_path, timeout, reason)
     }
 }
 
@@ -601,38 +551,6 @@ impl Drop for TestServer {
             let _ = std::fs::remove_dir_all(&self.data_dir);
         }
     }
-}
-
-fn signal(child: &Child, sig: Signal) -> Result<(), HarnessError> {
-    let pid = i32::try_from(child.id())
-        .ok()
-        .and_then(Pid::from_raw)
-        .ok_or(HarnessError::NotRunning)?;
-    kill_process(pid, sig).map_err(|e| HarnessError::io(format!("sending {sig:?}"), e.into()))
-}
-
-fn wait_timeout(child: &mut Child, timeout: Duration) -> Result<Option<ExitStatus>, HarnessError> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        if let Some(status) = child
-            .try_wait()
-            .map_err(|e| HarnessError::io("waiting for the server", e))?
-        {
-            return Ok(Some(status));
-        }
-        if Instant::now() >= deadline {
-            return Ok(None);
-        }
-        std::thread::sleep(POLL);
-    }
-}
-
-/// The state letter of `/proc/<pid>/stat` (R, S, D, T, t, Z...).
-fn process_state(pid: u32) -> Option<char> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // The command name is parenthesised and may contain spaces; the state follows it.
-    let after = stat.rsplit_once(')')?.1;
-    after.trim_start().chars().next()
 }
 
 /// The last `n` lines of a file, reading at most its last 256 KiB.
@@ -663,6 +581,7 @@ pub(crate) fn log_tail(path: &Path, n: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::process::process_state;
 
     #[test]
     fn listeners_json_parses_and_port_zero_is_refused() {

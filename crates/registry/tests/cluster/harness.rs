@@ -86,6 +86,7 @@ impl Cluster {
             c.keep_after_snapshot = opts.keep_after_snapshot;
             c.lease_check = Duration::from_millis(50);
             c.lease_grace = Duration::from_millis(300);
+            c.rebalance_interval = Duration::from_millis(200);
             configs.push(c);
         }
         let mut nodes = Vec::new();

@@ -4,21 +4,18 @@
 //! (Multi-process tests with kill -9 and SIGSTOP run through the `starling` binary.)
 
 mod harness;
-mod history;
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use harness::{Cluster, Opts, full, rec};
-use history::{History, Read, Write};
-use parking_lot::Mutex;
 use starling_registry::shard::shard_of;
 use starling_registry::{
     BindOutcome, ClientConfig, ReadMode, RegistryClient, RegistryError, SessionRegistry, pb,
 };
+use starling_testkit::history::Workload;
 
 /// Bare JIDs `prefix{i}@x` that fall in `shard` of `shards`.
 fn bares_in(shard: u32, shards: u32, prefix: &str, n: usize) -> Vec<String> {
@@ -147,104 +144,54 @@ async fn leader_failover_under_write_load_keeps_a_linearizable_history() {
     )
     .await;
     let client = c.client(ReadMode::Linearizable).await;
-    let history = Arc::new(Mutex::new(History::default()));
-    let keys: Arc<Mutex<Vec<String>>> = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut tasks = Vec::new();
-    for w in 0..6 {
-        let (client, history, keys, stop) =
-            (client.clone(), history.clone(), keys.clone(), stop.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut k = 0;
-            while !stop.load(Ordering::Relaxed) {
-                let key = format!("w{w}k{k}@x/r");
-                keys.lock().push(key.clone());
-                for v in 0..5 {
-                    if stop.load(Ordering::Relaxed) {
-                        break;
-                    }
-                    let value = format!("{w}-{k}-{v}");
-                    let invoke = Instant::now();
-                    let res = client.bind(rec(&key, "e1", &value)).await;
-                    let ok = res.is_ok();
-                    history.lock().writes.push(Write {
-                        key: key.clone(),
-                        value,
-                        invoke,
-                        complete: Instant::now(),
-                        ok,
-                    });
-                    if !ok {
-                        break;
-                    }
-                }
-                k += 1;
-            }
-        }));
+    let (w, r) = (client.clone(), client.clone());
+    let workload = Workload {
+        writers: 6,
+        readers: 2,
+        values_per_key: 5,
     }
-    for r in 0..2u64 {
-        let (client, history, keys, stop) =
-            (client.clone(), history.clone(), keys.clone(), stop.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut i = r as usize;
-            while !stop.load(Ordering::Relaxed) {
-                let key = {
-                    let keys = keys.lock();
-                    if keys.is_empty() {
-                        None
-                    } else {
-                        Some(keys[(i * 7919) % keys.len()].clone())
-                    }
-                };
-                i += 1;
-                let Some(key) = key else {
-                    tokio::time::sleep(Duration::from_millis(5)).await;
-                    continue;
-                };
-                let invoke = Instant::now();
-                if let Ok(s) = client.session(&full(&key)).await {
-                    history.lock().reads.push(Read {
-                        key,
-                        value: s.map(|s| s.stream_id.to_string()),
-                        invoke,
-                        complete: Instant::now(),
-                    });
-                }
+    .start(
+        move |key, value| {
+            let w = w.clone();
+            async move { w.bind(rec(&key, "e1", &value)).await.is_ok() }
+        },
+        move |key| {
+            let r = r.clone();
+            async move {
+                r.session(&full(&key))
+                    .await
+                    .ok()
+                    .map(|s| s.map(|s| s.stream_id.to_string()))
             }
-        }));
-    }
+        },
+    );
     tokio::time::sleep(Duration::from_millis(1500)).await;
     let victim = c.leader_index(0);
     let killed_at = Instant::now();
     c.stop(victim).await;
     tokio::time::sleep(Duration::from_millis(3000)).await;
-    stop.store(true, Ordering::Relaxed);
-    for t in tasks {
-        t.await.unwrap();
-    }
+    // Writes to the failed-over shard were acknowledged after the kill.
+    let resumed = workload.acknowledged(|w| {
+        w.invoke > killed_at + Duration::from_millis(100)
+            && shard_of(starling_registry::shard::bare_of(&w.key), shards) == 0
+    });
+    let history = workload.stop().await;
     c.wait_leaders().await;
     assert_ne!(c.leader_index(0), victim);
-
-    let history = std::mem::take(&mut *history.lock());
-    // Writes to the failed-over shard were acknowledged after the kill.
-    let resumed = history
-        .writes
-        .iter()
-        .filter(|w| {
-            w.ok && w.invoke > killed_at + Duration::from_millis(100)
-                && shard_of(starling_registry::shard::bare_of(&w.key), shards) == 0
-        })
-        .count();
     assert!(resumed > 10, "only {resumed} writes after the failover");
 
-    let mut finals = HashMap::new();
-    let all_keys: BTreeSet<String> = history.writes.iter().map(|w| w.key.clone()).collect();
-    for key in all_keys {
-        let s = client.session(&full(&key)).await.unwrap();
-        finals.insert(key, s.map(|s| s.stream_id.to_string()));
-    }
     let stats = history
-        .check(&finals)
+        .check_reading(|key| {
+            let client = client.clone();
+            async move {
+                let s = client
+                    .session(&full(&key))
+                    .await
+                    .map_err(|e| e.to_string())?;
+                Ok(s.map(|s| s.stream_id.to_string()))
+            }
+        })
+        .await
         .unwrap_or_else(|e| panic!("history: {e}"));
     assert!(stats.acknowledged > 100, "{stats:?}");
     assert!(stats.reads > 50, "{stats:?}");
@@ -511,4 +458,52 @@ async fn wait_members(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A failed node's shards move to the others; once it is back and caught up, the leaders
+/// hand its preferred shards back (shard `s` prefers member `s % 3 + 1`), so the spread is
+/// even again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaders_return_to_their_preferred_node_after_a_failover() {
+    let shards = 6;
+    let mut c = Cluster::start(
+        "rebalance",
+        3,
+        Opts {
+            shards,
+            ..Opts::default()
+        },
+    )
+    .await;
+    let client = c.client(ReadMode::Linearizable).await;
+    client.bind(rec("a@x/1", "e1", "s1")).await.unwrap();
+    c.stop(0).await;
+    c.wait_leaders().await;
+    for s in 0..shards {
+        assert_ne!(c.leader_index(s), 0);
+    }
+    // Writes while node 1 is down, so it has to catch up before it can lead again.
+    for i in 0..20 {
+        client
+            .bind(rec(&format!("u{i}@x/r"), "e1", &format!("s{i}")))
+            .await
+            .unwrap();
+    }
+    c.restart(0, false).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        c.wait_leaders().await;
+        let leaders: Vec<usize> = (0..shards).map(|s| c.leader_index(s)).collect();
+        let want: Vec<usize> = (0..shards).map(|s| s as usize % 3).collect();
+        if leaders == want {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "leaders {leaders:?}, preferred {want:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Nothing was lost in the hand-overs.
+    assert_eq!(client.count().await, Ok(21));
 }

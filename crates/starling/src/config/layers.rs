@@ -13,7 +13,7 @@ use toml::{Table, Value};
 
 use super::{
     AdminConfig, AuthConfig, C2sConfig, Config, ConfigError, LogConfig, RegistrationConfig,
-    ServerConfig, TlsConfig,
+    RegistryConfig, ServerConfig, TlsConfig,
 };
 
 /// The prefix of configuration environment variables.
@@ -50,6 +50,65 @@ pub(crate) struct CliOverrides {
     pub(crate) registration: Option<String>,
     /// `--log-level` → `log.level`.
     pub(crate) log_level: Option<String>,
+    /// `starling registry` flags → `registry.*`.
+    pub(crate) registry: RegistryOverrides,
+}
+
+/// The flags of `starling registry` that override `[registry]` keys.
+#[derive(Debug, Clone, Default)]
+pub(crate) struct RegistryOverrides {
+    /// `--listen` → `registry.listen`.
+    pub(crate) listen: Option<String>,
+    /// `--advertise` → `registry.advertise`.
+    pub(crate) advertise: Option<String>,
+    /// `--node-id` → `registry.node_id`.
+    pub(crate) node_id: Option<u64>,
+    /// `--initial-member` → `registry.initial_members`.
+    pub(crate) initial_members: Vec<String>,
+    /// `--shards` → `registry.shards`.
+    pub(crate) shards: Option<u32>,
+}
+
+impl RegistryOverrides {
+    fn entries(&self, out: &mut Vec<(&'static str, &'static str, Value, &'static str)>) {
+        if let Some(v) = &self.listen {
+            out.push(("registry", "listen", Value::String(v.clone()), "--listen"));
+        }
+        if let Some(v) = &self.advertise {
+            out.push((
+                "registry",
+                "advertise",
+                Value::String(v.clone()),
+                "--advertise",
+            ));
+        }
+        if let Some(v) = self.node_id {
+            let v = i64::try_from(v).unwrap_or(i64::MAX);
+            out.push(("registry", "node_id", Value::Integer(v), "--node-id"));
+        }
+        if !self.initial_members.is_empty() {
+            let list = self
+                .initial_members
+                .iter()
+                .cloned()
+                .map(Value::String)
+                .collect();
+            out.push((
+                "registry",
+                "initial_members",
+                Value::Array(list),
+                "--initial-member",
+            ));
+        }
+        if let Some(v) = self.shards {
+            out.push((
+                "registry",
+                "shards",
+                Value::Integer(i64::from(v)),
+                "--shards",
+            ));
+        }
+    }
 }
 
 impl CliOverrides {
@@ -103,6 +162,7 @@ impl CliOverrides {
         if let Some(level) = &self.log_level {
             out.push(("log", "level", Value::String(level.clone()), "--log-level"));
         }
+        self.registry.entries(&mut out);
         out
     }
 }
@@ -269,6 +329,7 @@ fn check_section(name: &str, table: &Table) -> Result<(), toml::de::Error> {
         "registration" => de::<RegistrationConfig>(table),
         "admin" => de::<AdminConfig>(table),
         "log" => de::<LogConfig>(table),
+        "registry" => de::<RegistryConfig>(table),
         // Sections are checked against the defaults' list before this is called.
         _ => Ok(()),
     }

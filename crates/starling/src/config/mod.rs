@@ -9,6 +9,7 @@
 //! Every key is documented in the README's Configuration section; a test keeps the two in step.
 
 mod layers;
+mod registry;
 mod validate;
 
 use std::collections::BTreeMap;
@@ -17,7 +18,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-pub(crate) use layers::{CliOverrides, ENV_PREFIX, Sources, load};
+pub(crate) use layers::{CliOverrides, ENV_PREFIX, RegistryOverrides, Sources, load};
+pub(crate) use registry::{RegistryConfig, RegistrySettings};
 pub(crate) use validate::{Checked, validate};
 
 /// Loads every layer and validates the result: the one entry point for `serve`, `user` and
@@ -39,6 +41,7 @@ pub(crate) struct Config {
     pub(crate) registration: RegistrationConfig,
     pub(crate) admin: AdminConfig,
     pub(crate) log: LogConfig,
+    pub(crate) registry: RegistryConfig,
 }
 
 /// `[server]`: what this node serves and where it keeps its files.

@@ -136,8 +136,18 @@ require_tls = false
         admin_listen: Some("127.0.0.1:0".into()),
         registration: Some("open".into()),
         log_level: Some("debug".into()),
+        registry: RegistryOverrides {
+            node_id: Some(3),
+            initial_members: vec!["3=r3:5290".into()],
+            ..RegistryOverrides::default()
+        },
     };
     let checked = resolve(&sources).unwrap();
+    assert_eq!(checked.config.registry.node_id, 3);
+    assert_eq!(
+        checked.registry.initial_members.get(&3).map(String::as_str),
+        Some("r3:5290")
+    );
     let c = &checked.config;
     assert_eq!(c.server.domains, vec!["cli.example"]);
     assert_eq!(c.server.data_dir, PathBuf::from("/srv/x"));

@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 
 use super::layers::Loaded;
-use super::{Config, ConfigError, ConfigErrors};
+use super::{Config, ConfigError, ConfigErrors, RegistrySettings};
 
 /// A configuration that passed every check, with the values the runtime needs already parsed.
 #[derive(Debug, Clone)]
@@ -22,6 +22,8 @@ pub(crate) struct Checked {
     pub(crate) admin: SocketAddr,
     /// Whether `log.level` was given on the command line (which then beats `RUST_LOG`).
     pub(crate) log_level_from_cli: bool,
+    /// `[registry]`, parsed.
+    pub(crate) registry: RegistrySettings,
 }
 
 /// The levels a bare `log.level` directive may name.
@@ -215,10 +217,13 @@ pub(crate) fn validate(loaded: Loaded) -> Result<Checked, ConfigErrors> {
         err("log.level".into(), message);
     }
 
+    // [registry]
+    let registry = super::registry::validate(&config.registry, &mut err);
+
     let mut all_errors = loaded.errors.clone();
     all_errors.extend(errors);
-    match admin {
-        Some(admin) if all_errors.is_empty() => {
+    match (admin, registry) {
+        (Some(admin), Some(registry)) if all_errors.is_empty() => {
             config.server.domains = domains;
             config.registration.hosts = hosts;
             Ok(Checked {
@@ -229,6 +234,7 @@ pub(crate) fn validate(loaded: Loaded) -> Result<Checked, ConfigErrors> {
                 log_level_from_cli: loaded
                     .origin("log.level")
                     .is_some_and(|o| o.starts_with("--")),
+                registry,
             })
         }
         _ => Err(ConfigErrors(all_errors)),
