@@ -124,9 +124,18 @@ impl RegistryClusterBuilder {
             let text = cluster.config_text(&cluster.nodes[i], &members);
             cluster.nodes[i].write_config(&text)?;
         }
-        for i in 0..cluster.nodes.len() {
-            let (binary, timeout) = (cluster.binary.clone(), cluster.settings.ready_timeout);
-            if let Err(e) = cluster.nodes[i].spawn(&binary, timeout) {
+        // All members of a new cluster start before any is waited for: a member that
+        // initialises a shard cannot have a leader (nor be ready) until a majority is up.
+        let (binary, timeout) = (cluster.binary.clone(), cluster.settings.ready_timeout);
+        for node in &mut cluster.nodes {
+            if let Err(e) = node.launch(&binary) {
+                cluster.keep = true;
+                return Err(e);
+            }
+        }
+        for node in &mut cluster.nodes {
+            let run_file = node.run_file();
+            if let Err(e) = node.wait_ready(&run_file, timeout) {
                 cluster.keep = true;
                 return Err(e);
             }
@@ -253,8 +262,20 @@ impl RegistryProcess {
         Metrics::parse(&r.text()).map_err(HarnessError::Http)
     }
 
+    fn run_file(&self) -> PathBuf {
+        self.dir.join("run").join("registry.json")
+    }
+
+    /// Starts the process and waits until it is ready.
     fn spawn(&mut self, binary: &Path, timeout: Duration) -> Result<(), HarnessError> {
-        let run_file = self.dir.join("run").join("registry.json");
+        self.launch(binary)?;
+        let run_file = self.run_file();
+        self.wait_ready(&run_file, timeout)
+    }
+
+    /// Starts the process without waiting for it.
+    fn launch(&mut self, binary: &Path) -> Result<(), HarnessError> {
+        let run_file = self.run_file();
         let _ = std::fs::remove_file(&run_file);
         self.starts += 1;
         let mut log = std::fs::OpenOptions::new()
@@ -288,7 +309,7 @@ impl RegistryProcess {
             .spawn()
             .map_err(|e| HarnessError::io(format!("starting {}", binary.display()), e))?;
         self.child = Some(child);
-        self.wait_ready(&run_file, timeout)
+        Ok(())
     }
 
     fn wait_ready(&mut self, run_file: &Path, timeout: Duration) -> Result<(), HarnessError> {
