@@ -102,6 +102,8 @@ pub struct Layout {
     pub key: PathBuf,
     /// The open-file limit the server gets (soft and hard).
     pub nofile: u64,
+    /// The CPUs the server may run on (a `taskset -c` list), or any.
+    pub cpus: Option<String>,
 }
 
 impl Layout {
@@ -374,7 +376,7 @@ pub fn start(l: &Layout, starling_bin: &Path, timeout: Duration) -> anyhow::Resu
     let mut cmd = match l.kind {
         Kind::Starling => {
             std::fs::write(l.config_path(), starling_toml(l))?;
-            let mut c = Command::new(starling_bin);
+            let mut c = pinned(l.cpus.as_deref(), starling_bin);
             c.arg("serve").arg("--config").arg(l.config_path());
             c
         }
@@ -382,7 +384,7 @@ pub fn start(l: &Layout, starling_bin: &Path, timeout: Duration) -> anyhow::Resu
             std::fs::create_dir_all(l.dir.join("data"))?;
             std::fs::write(l.config_path(), prosody_cfg(l))?;
             chown_to(&l.dir, "prosody")?;
-            let mut c = Command::new("setpriv");
+            let mut c = pinned(l.cpus.as_deref(), "setpriv");
             c.args([
                 "--reuid=prosody",
                 "--regid=prosody",
@@ -474,7 +476,7 @@ pub fn start(l: &Layout, starling_bin: &Path, timeout: Duration) -> anyhow::Resu
 /// the system's default open-file limit (too few for the sessions), where `setpriv` keeps
 /// the limit this run raised.
 fn ejabberdctl(l: &Layout) -> Command {
-    let mut c = Command::new("setpriv");
+    let mut c = pinned(l.cpus.as_deref(), "setpriv");
     c.args([
         "--reuid=ejabberd",
         "--regid=ejabberd",
@@ -494,6 +496,19 @@ fn ejabberdctl(l: &Layout) -> Command {
     .arg("--spool")
     .arg(l.dir.join("spool"));
     c
+}
+
+/// A command for `program`, run on `cpus` only (through `taskset -c`, whose affinity every
+/// process and thread the program starts inherits) when given.
+pub fn pinned(cpus: Option<&str>, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    match cpus {
+        Some(cpus) => {
+            let mut c = Command::new("taskset");
+            c.arg("-c").arg(cpus).arg(program);
+            c
+        }
+        None => Command::new(program),
+    }
 }
 
 fn random_cookie() -> anyhow::Result<String> {
@@ -585,6 +600,7 @@ mod tests {
             cert: PathBuf::from("/tmp/cmp/cert.pem"),
             key: PathBuf::from("/tmp/cmp/key.pem"),
             nofile: 20000,
+            cpus: None,
         }
     }
 

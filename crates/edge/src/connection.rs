@@ -410,7 +410,7 @@ impl Conn {
                 Flow::Stop
             }
             Ok(n) => {
-                metrics::bytes_received(n);
+                self.shared.cfg.hot.bytes_received.increment(n as u64);
                 let now = Instant::now();
                 self.last_read = now;
                 let settings = &self.shared.settings;
@@ -739,7 +739,7 @@ impl Conn {
         }
         let now = std::time::Instant::now();
         let mut queue = drained.queue.into_iter();
-        let mut sent = 0;
+        let mut sent: u64 = 0;
         while self.machine.bound_jid().is_some() && !self.machine.is_closed() {
             let Some(item) = queue.next() else { break };
             tracing::debug!(name = item.stanza.name(), "stanza out");
@@ -747,11 +747,11 @@ impl Conn {
             let action = self.machine.on_outbound(item, now, &mut self.out);
             if let Action::Close(_) = action {
                 handle.requeue_front(queue);
-                metrics::stanzas_sent(sent);
+                self.shared.cfg.hot.stanzas_sent.increment(sent);
                 return Some(action);
             }
         }
-        metrics::stanzas_sent(sent);
+        self.shared.cfg.hot.stanzas_sent.increment(sent);
         // Not written (the stream is not open for them): back, for the router at the end.
         handle.requeue_front(queue);
         drained.close.map(|close| {
@@ -777,7 +777,7 @@ impl Conn {
         .await;
         match written {
             Ok(Ok(())) => {
-                metrics::bytes_sent(out.len());
+                self.shared.cfg.hot.bytes_sent.increment(out.len() as u64);
                 self.last_write = Instant::now();
                 Ok(())
             }

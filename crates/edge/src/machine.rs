@@ -101,6 +101,8 @@ pub(crate) struct StreamConfig {
     pub(crate) csi_max_held: usize,
     /// The server's `<c/>` stream feature (XEP-0115 §6.3), if it advertises one.
     pub(crate) caps: Option<Box<[u8]>>,
+    /// The per-stanza counters, registered once.
+    pub(crate) hot: metrics::Hot,
 }
 
 /// The `<c/>` stream feature (XEP-0115 §6.3) for the server's capabilities.
@@ -1784,7 +1786,7 @@ impl Machine {
             // Stamp `from` by rewriting the start tag; the envelope moves with the bytes.
             el.readdressed(None, Some(jid_str))
         };
-        metrics::stanza_received();
+        self.cfg.hot.stanzas_received.increment(1);
         tracing::debug!(name = stanza.name(), to = ?stanza.to(), "stanza in");
         Action::Route(ToRouter::Stanza {
             from: jid.clone(),

@@ -41,6 +41,7 @@ fn config(change: impl FnOnce(&mut Settings)) -> Arc<StreamConfig> {
         sm: SmLimits::from_settings(&s),
         csi_max_held: s.csi_max_held,
         caps: s.caps.as_ref().map(caps_feature),
+        hot: crate::metrics::Hot::register(),
     })
 }
 

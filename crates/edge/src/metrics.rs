@@ -63,24 +63,31 @@ pub(crate) fn sessions(delta: f64) {
     ::metrics::gauge!("starling_edge_sessions").increment(delta);
 }
 
-/// Bytes read from clients.
-pub(crate) fn bytes_received(n: usize) {
-    ::metrics::counter!("starling_edge_bytes_received_total").increment(n as u64);
+/// The counters touched for every stanza and every read and write, registered once per edge
+/// (in its [`crate::machine::StreamConfig`]) so the hot path increments a handle instead of
+/// looking the metric up in the recorder's registry each time.
+#[derive(Debug, Clone)]
+pub(crate) struct Hot {
+    /// Bytes read from clients.
+    pub(crate) bytes_received: ::metrics::Counter,
+    /// Bytes written to clients.
+    pub(crate) bytes_sent: ::metrics::Counter,
+    /// Stanzas received from bound sessions.
+    pub(crate) stanzas_received: ::metrics::Counter,
+    /// Stanzas written to bound sessions.
+    pub(crate) stanzas_sent: ::metrics::Counter,
 }
 
-/// Bytes written to clients.
-pub(crate) fn bytes_sent(n: usize) {
-    ::metrics::counter!("starling_edge_bytes_sent_total").increment(n as u64);
-}
-
-/// Stanzas received from bound sessions.
-pub(crate) fn stanza_received() {
-    ::metrics::counter!("starling_edge_stanzas_received_total").increment(1);
-}
-
-/// Stanzas written to bound sessions.
-pub(crate) fn stanzas_sent(n: usize) {
-    ::metrics::counter!("starling_edge_stanzas_sent_total").increment(n as u64);
+impl Hot {
+    /// Registers the counters with the installed recorder (a no-op recorder when none is).
+    pub(crate) fn register() -> Hot {
+        Hot {
+            bytes_received: ::metrics::counter!("starling_edge_bytes_received_total"),
+            bytes_sent: ::metrics::counter!("starling_edge_bytes_sent_total"),
+            stanzas_received: ::metrics::counter!("starling_edge_stanzas_received_total"),
+            stanzas_sent: ::metrics::counter!("starling_edge_stanzas_sent_total"),
+        }
+    }
 }
 
 /// A delivery found no session here and went back to the router.

@@ -107,6 +107,7 @@ impl Edge {
             sm: SmLimits::from_settings(&settings),
             csi_max_held: settings.csi_max_held.max(1),
             caps: settings.caps.as_ref().map(crate::machine::caps_feature),
+            hot: crate::metrics::Hot::register(),
         });
         let sessions = Arc::new(SessionTable::default());
         let (tx, rx) = mpsc::channel(UNDELIVERABLE_QUEUE);

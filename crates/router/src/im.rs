@@ -506,7 +506,7 @@ impl Im {
 
     /// Whether `user` blocks `who`.
     pub(crate) async fn blocks(&self, svc: &Services, user: &BareJid, who: &Jid) -> bool {
-        if *user == who.to_bare() {
+        if jid::same_bare(user, who) {
             return false;
         }
         self.blocklist(svc, user)

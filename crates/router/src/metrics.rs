@@ -48,7 +48,50 @@ pub(crate) enum Outcome {
     Dropped(&'static str),
 }
 
+/// The stanza kinds whose outcome counters [`StanzaCounters`] holds.
+const KINDS: [&str; 4] = ["message", "presence", "iq", "other"];
+
+/// The `starling_router_stanzas_total` series of every kind with outcome `delivered`,
+/// `handled` and `dropped`, registered once per router, so routing a stanza increments a
+/// handle instead of looking the series up in the recorder (errors, rare, still look up).
+pub(crate) struct StanzaCounters {
+    table: [[metrics::Counter; 3]; KINDS.len()],
+}
+
+impl std::fmt::Debug for StanzaCounters {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StanzaCounters").finish_non_exhaustive()
+    }
+}
+
+impl StanzaCounters {
+    /// Registers the series with the installed recorder.
+    pub(crate) fn register() -> StanzaCounters {
+        StanzaCounters {
+            table: KINDS.map(|kind| {
+                ["delivered", "handled", "dropped"].map(|outcome| {
+                    metrics::counter!(STANZAS_TOTAL, "kind" => kind, "outcome" => outcome)
+                })
+            }),
+        }
+    }
+}
+
 impl Outcome {
+    /// Counts the outcome of a stanza of `kind` through the handles of `counters`.
+    pub(crate) fn record_in(&self, kind: &'static str, counters: &StanzaCounters) {
+        let column = match self {
+            Outcome::Delivered => 0,
+            Outcome::Handled => 1,
+            Outcome::Dropped(_) => 2,
+            Outcome::Error(_) => return self.record(kind),
+        };
+        match KINDS.iter().position(|k| *k == kind) {
+            Some(row) => counters.table[row][column].increment(1),
+            None => self.record(kind),
+        }
+    }
+
     /// Counts the outcome of a stanza of `kind`.
     pub(crate) fn record(&self, kind: &'static str) {
         match self {

@@ -119,9 +119,11 @@ impl Router {
         let mut receivers = Vec::with_capacity(settings.workers);
         for worker in 0..settings.workers {
             let (tx, rx) = mpsc::channel(settings.queue_per_worker);
+            let label: Arc<str> = Arc::from(worker.to_string());
             queues.push(Queue {
                 tx,
-                label: Arc::from(worker.to_string()),
+                depth: metrics::gauge!(QUEUE_DEPTH, "worker" => label.clone()),
+                label,
             });
             receivers.push(rx);
         }
@@ -172,6 +174,7 @@ impl Router {
             let worker = Worker {
                 core: self.core.clone(),
                 label: queue.label.clone(),
+                depth: queue.depth.clone(),
                 drain_timeout: self.drain_timeout,
             };
             set.spawn(worker.run(rx, cancel.clone()));
@@ -225,12 +228,14 @@ struct Queue {
     tx: mpsc::Sender<Job>,
     /// The `worker` label of the queue-depth gauge.
     label: Arc<str>,
+    /// The queue-depth gauge, registered once (the hot path only sets it).
+    depth: metrics::Gauge,
 }
 
 impl Queue {
     fn report_depth(&self) {
         let depth = self.tx.max_capacity() - self.tx.capacity();
-        metrics::gauge!(QUEUE_DEPTH, "worker" => self.label.clone()).set(depth as f64);
+        self.depth.set(depth as f64);
     }
 }
 
@@ -291,12 +296,13 @@ impl RouterLink for ShardedLink {
 struct Worker {
     core: Arc<Core>,
     label: Arc<str>,
+    depth: metrics::Gauge,
     drain_timeout: Duration,
 }
 
 impl Worker {
     fn report_depth(&self, rx: &mpsc::Receiver<Job>) {
-        metrics::gauge!(QUEUE_DEPTH, "worker" => self.label.clone()).set(rx.len() as f64);
+        self.depth.set(rx.len() as f64);
     }
 
     async fn run(self, mut rx: mpsc::Receiver<Job>, cancel: CancellationToken) {

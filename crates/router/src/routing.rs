@@ -34,7 +34,9 @@ use starling_xmpp::{StanzaError, StanzaErrorCondition, StreamErrorCondition};
 use tracing::Instrument;
 
 use crate::caps::Caps;
-use crate::metrics::{IQ_HANDLER_SECONDS, Outcome, SESSION_EVENTS_TOTAL, STANZAS_TOTAL};
+use crate::metrics::{
+    IQ_HANDLER_SECONDS, Outcome, SESSION_EVENTS_TOTAL, STANZAS_TOTAL, StanzaCounters,
+};
 use crate::modules::{IqContext, IqRequest, IqResult, IqTarget, ModuleSet, Services};
 use crate::router::Job;
 use crate::select::message_recipients;
@@ -63,6 +65,8 @@ pub(crate) struct Core {
     caps: Caps,
     /// The served domains, normalised.
     domains: HashSet<String>,
+    /// The per-stanza outcome counters, registered once.
+    counters: StanzaCounters,
 }
 
 impl Core {
@@ -74,6 +78,7 @@ impl Core {
             modules,
             caps,
             domains,
+            counters: StanzaCounters::register(),
         }
     }
 
@@ -174,12 +179,12 @@ impl Core {
             .instrument(span.clone())
             .await;
         span.in_scope(|| tracing::debug!(?outcome, "routed"));
-        outcome.record(kind.name());
+        outcome.record_in(kind.name(), &self.counters);
         // XEP-0280 §7: sent carbons of a chat message that left for someone else.
         if kind == StanzaKind::Message(MessageType::Chat)
             && matches!(outcome, Outcome::Delivered | Outcome::Handled)
             && let Some(to) = stanza.to().and_then(|t| jid::parse(&t).ok())
-            && to.to_bare() != from.to_bare()
+            && !jid::same_bare(&to, &from)
         {
             let owner = from.to_bare();
             self.services
@@ -227,7 +232,7 @@ impl Core {
         .instrument(span.clone())
         .await;
         span.in_scope(|| tracing::debug!(?outcome, "fallback applied"));
-        outcome.record(kind.name());
+        outcome.record_in(kind.name(), &self.counters);
     }
 
     fn classify(&self, to: Jid) -> Dest {
@@ -357,7 +362,7 @@ impl Core {
                 Ok(Some(record)) => {
                     if self.deliver(&[&record], stanza).await > 0 {
                         if kind == StanzaKind::Message(MessageType::Chat)
-                            && from.to_bare() != to.to_bare()
+                            && !jid::same_bare(from, &to)
                         {
                             // XEP-0280 §6: received carbons to the account's other resources.
                             let owner = to.to_bare();
@@ -402,26 +407,26 @@ impl Core {
         kind: StanzaKind,
         dest: &Dest,
     ) -> Option<Outcome> {
-        let target: Jid = match dest {
-            Dest::Bare(b) => Jid::from(b.clone()),
-            Dest::Full(f) => Jid::from(f.clone()),
+        let target: &Jid = match dest {
+            Dest::Bare(b) => b,
+            Dest::Full(f) => f,
             _ => return None,
         };
-        let sender = Jid::from(from.clone());
+        let sender: &Jid = from;
         let im = &self.services.im;
         let answers = matches!(kind, StanzaKind::Message(_))
             || matches!(kind, StanzaKind::Iq(Some(t)) if t.is_request());
-        if im.blocks(&self.services, &target.to_bare(), &sender).await {
+        if im.blocks(&self.services, &target.to_bare(), sender).await {
             if !answers {
                 return Some(Outcome::Dropped("from an entity the recipient blocks"));
             }
             let error = StanzaError::new(StanzaErrorCondition::ServiceUnavailable);
             return Some(
-                self.bounce(&sender, stanza, kind, target.as_str(), error)
+                self.bounce(sender, stanza, kind, target.as_str(), error)
                     .await,
             );
         }
-        if im.blocks(&self.services, &from.to_bare(), &target).await {
+        if im.blocks(&self.services, &from.to_bare(), target).await {
             if !answers {
                 return Some(Outcome::Dropped("to an entity the sender blocks"));
             }
@@ -430,7 +435,7 @@ impl Core {
                 .with_type(starling_xmpp::StanzaErrorType::Cancel)
                 .with_app("blocked", "urn:xmpp:blocking:errors");
             return Some(
-                self.bounce(&sender, stanza, kind, target.as_str(), error)
+                self.bounce(sender, stanza, kind, target.as_str(), error)
                     .await,
             );
         }

@@ -177,6 +177,12 @@ pub fn is_domain_only(jid: &Jid) -> bool {
     jid.node().is_none() && jid.resource().is_none()
 }
 
+/// Whether two JIDs have the same bare JID (localpart and domainpart), without building
+/// either bare JID: routing compares bare JIDs on every message, and `to_bare()` allocates.
+pub fn same_bare(a: &Jid, b: &Jid) -> bool {
+    a.node() == b.node() && a.domain() == b.domain()
+}
+
 /// The domain of `jid` as a JID of its own, e.g. the server a stanza is routed to.
 pub fn domain_only(jid: &Jid) -> BareJid {
     BareJid::from_parts(None, jid.domain())
@@ -457,6 +463,17 @@ mod tests {
             ok("ｊｕｌｉｅｔ@ｅｘａｍｐｌｅ．ｃｏｍ"),
             "juliet@example.com"
         );
+    }
+
+    #[test]
+    fn same_bare_compares_localpart_and_domain_only() {
+        let j = |s: &str| parse(s).unwrap_or_else(|e| panic!("{s:?}: {e}"));
+        assert!(same_bare(&j("a@example.com/one"), &j("A@Example.com/two")));
+        assert!(same_bare(&j("a@example.com"), &j("a@example.com/r")));
+        assert!(!same_bare(&j("a@example.com/r"), &j("b@example.com/r")));
+        assert!(!same_bare(&j("a@example.com"), &j("a@example.org")));
+        assert!(!same_bare(&j("example.com"), &j("a@example.com")));
+        assert!(same_bare(&j("example.com/x"), &j("example.com")));
     }
 
     // RFC 7622 §3.3.2, §3.2.2, §3.4.2: NFC.
@@ -831,6 +848,14 @@ mod tests {
         #[test]
         fn parse_never_panics(s in any::<String>()) {
             let _ = parse(&s);
+        }
+
+        #[test]
+        fn same_bare_agrees_with_comparing_bare_jids(a in jid_like(), b in jid_like()) {
+            if let (Ok(a), Ok(b)) = (parse(&a), parse(&b)) {
+                prop_assert_eq!(same_bare(&a, &b), a.to_bare() == b.to_bare());
+                prop_assert!(same_bare(&a, &a));
+            }
         }
 
         #[test]

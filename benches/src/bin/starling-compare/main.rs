@@ -129,6 +129,14 @@ struct Cli {
     /// it below 0 needs root; 0 leaves it as it is.
     #[arg(long, default_value_t = -10, allow_hyphen_values = true)]
     nice: i32,
+    /// CPUs every server runs on, as a `taskset -c` list (e.g. `0`): with `--load-cpus` on
+    /// the others, the servers and the generator stop competing for the same cores, so the
+    /// generator's own cost no longer caps a server's figure. Default: anywhere.
+    #[arg(long)]
+    server_cpus: Option<String>,
+    /// CPUs the generator runs on (e.g. `1`); see `--server-cpus`.
+    #[arg(long)]
+    load_cpus: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -295,6 +303,7 @@ fn main() -> anyhow::Result<()> {
                 cert: dir.join("cert.pem"),
                 key: dir.join("key.pem"),
                 nofile: nofile_limit,
+                cpus: cli.server_cpus.clone(),
             },
             result: ServerResult::new(kind),
             usable: true,
@@ -317,7 +326,7 @@ fn main() -> anyhow::Result<()> {
          connect {} sessions over {} with {}, chat {} pairs with {}-byte bodies to full JIDs \
          ({} s steps, p99 <= {} ms, nothing lost), login-storm {} in flight for {} s; \
          a fresh server process for each scenario, chat and login-storm stepped through the \
-         servers in turn; nice {niceness}",
+         servers in turn; nice {niceness}; CPUs: servers {}, generator {}",
         kinds
             .iter()
             .map(|k| k.name())
@@ -331,7 +340,9 @@ fn main() -> anyhow::Result<()> {
         cli.step_secs,
         cli.p99_ms,
         cli.storm_concurrency,
-        cli.storm_secs
+        cli.storm_secs,
+        cli.server_cpus.as_deref().unwrap_or("any"),
+        cli.load_cpus.as_deref().unwrap_or("any")
     )?;
     summary::write_table(&mut out, &results)?;
     for r in &results {
@@ -340,7 +351,11 @@ fn main() -> anyhow::Result<()> {
     out.flush()?;
     if let Some(path) = &cli.json {
         let json = serde_json::json!({
-            "machine": { "cores": cores },
+            "machine": {
+                "cores": cores,
+                "server_cpus": cli.server_cpus,
+                "load_cpus": cli.load_cpus,
+            },
             "results": results,
             "targets": summary::targets(&results),
         });
@@ -715,7 +730,7 @@ impl Run<'_> {
             l.starttls
         };
         let json = l.dir.join(format!("{name}.json"));
-        let mut cmd = Command::new(self.load_bin);
+        let mut cmd = servers::pinned(cli.load_cpus.as_deref(), self.load_bin);
         cmd.arg("--server")
             .arg(addr.to_string())
             .arg("--domain")
