@@ -211,8 +211,9 @@ impl TlsManager {
         };
         let (loaded, stats) = load_source(&source, &domains, &provider)?;
         let resolver = Arc::new(CertResolver::new(loaded.set));
-        let starttls = server_config(&provider, &resolver, Alpn::None)?;
-        let direct_tls = server_config(&provider, &resolver, Alpn::XmppClient)?;
+        let tickets = rustls::crypto::ring::Ticketer::new()?;
+        let starttls = server_config(&provider, &resolver, &tickets, Alpn::None)?;
+        let direct_tls = server_config(&provider, &resolver, &tickets, Alpn::XmppClient)?;
         Ok(Arc::new(TlsManager {
             source,
             domains,
@@ -485,15 +486,28 @@ fn load_source(
 }
 
 /// A server configuration over the shared resolver: TLS 1.2/1.3, no client authentication.
+///
+/// **Session resumption** is by stateless tickets (`tickets`, rustls's rotating ticketer:
+/// a key lives 6 hours and tickets of the previous key are still accepted): the server keeps
+/// nothing per client, so every device of a fleet can resume, not only the few hundred a
+/// session cache would hold, and a resumed handshake costs a device no certificate
+/// verification. TLS 1.3 resumption still runs a fresh (EC)DHE exchange (rustls offers only
+/// `psk_dhe_ke`), so traffic keys keep forward secrecy; no early data is accepted. One
+/// ticket per handshake (rustls sends two by default): an XMPP client holds one stream per
+/// account, and each resumption gets a new ticket, so the second would only be bytes on a
+/// device's link.
 fn server_config(
     provider: &Arc<CryptoProvider>,
     resolver: &Arc<CertResolver>,
+    tickets: &Arc<dyn rustls::server::ProducesTickets>,
     alpn: Alpn,
 ) -> Result<Arc<ServerConfig>, TlsError> {
     let mut config = ServerConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(PROTOCOL_VERSIONS)?
         .with_no_client_auth()
         .with_cert_resolver(resolver.clone());
+    config.ticketer = tickets.clone();
+    config.send_tls13_tickets = 1;
     // Only to catch the exporter secret of a handshake being accepted; see `capture`.
     config.key_log = Arc::new(capture::ExporterSecretLog);
     config.alpn_protocols = match alpn {

@@ -791,3 +791,38 @@ async fn garbage_instead_of_a_client_hello_fails_the_handshake_with_an_alert() {
     // A TLS alert record (content type 21).
     assert_eq!(answer.first(), Some(&21), "{answer:?}");
 }
+
+/// A client that comes back resumes with the ticket of its first session (stateless: nothing
+/// of it stays on the server), over either listener, and the resumed session's `tls-exporter`
+/// channel binding still matches the client's (RFC 9266 allows it for TLS 1.3 resumption).
+#[tokio::test]
+async fn a_returning_client_resumes_with_its_ticket() {
+    use rustls::HandshakeKind;
+    let dir = TempDir::new();
+    let (manager, pem) = chat_test(&dir, &rcgen::PKCS_ECDSA_P256_SHA256);
+    for alpn in [Alpn::None, Alpn::XmppClient] {
+        let mut config = client_config(&[&pem.cert], BOTH);
+        if alpn == Alpn::XmppClient {
+            config.alpn_protocols = vec![ALPN_XMPP_CLIENT.to_vec()];
+        }
+        let mut first = handshake(&manager, alpn, config.clone(), "chat.test").await;
+        assert_eq!(
+            first.client.get_ref().1.handshake_kind(),
+            Some(HandshakeKind::Full)
+        );
+        // The ticket comes after the handshake; the client takes it when it next reads.
+        exchange(&mut first, b"<presence/>").await;
+        let mut second = handshake(&manager, alpn, config.clone(), "chat.test").await;
+        assert_eq!(
+            second.client.get_ref().1.handshake_kind(),
+            Some(HandshakeKind::Resumed),
+            "{alpn:?}"
+        );
+        let client_export = client_exporter(&second);
+        assert_eq!(
+            second.binding.data(ChannelBindingType::TlsExporter),
+            Some(&client_export[..])
+        );
+        exchange(&mut second, b"<presence/>").await;
+    }
+}
