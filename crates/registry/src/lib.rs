@@ -15,7 +15,9 @@
 //!
 //! Map of the replicated registry (see `proto/registry.proto` for the wire API):
 //! - [`shard`]: the stable hash of a bare JID to its shard (one Raft group per shard);
-//! - `state`: the deterministic state machine of one shard (sessions, leases);
+//! - `state`: the deterministic state machine of one shard (sessions, leases), and the
+//!   frozen views snapshots are encoded from;
+//! - `accounts`: its copy-on-write accounts map, so a snapshot never stops `apply`;
 //! - `codec`: openraft 0.9 types and their protobuf form;
 //! - `storage`: the redb log with group commit, vote, snapshots;
 //! - `machine`: openraft's state machine around `state`, with the watch channel;
@@ -25,6 +27,7 @@
 //! - [`node`]: a registry node (all shards, bootstrap, leases) and [`node::run`];
 //! - [`client`]: the client used by edges and routers.
 
+mod accounts;
 pub mod client;
 mod codec;
 mod local;

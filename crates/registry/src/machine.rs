@@ -107,9 +107,9 @@ pub(crate) struct MachineStore(pub(crate) Arc<Machine>);
 impl RaftSnapshotBuilder<TypeConfig> for MachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<MemberId>> {
         let m = &self.0;
-        let (meta, data) = {
-            let inner = m.inner.read();
-            let data = inner.data.to_snapshot().encode_to_vec();
+        let (frozen, meta) = {
+            let mut inner = m.inner.write();
+            let frozen = inner.data.freeze();
             let n = m.built.fetch_add(1, Ordering::Relaxed) + 1;
             let snapshot_id = match inner.last_applied {
                 Some(l) => format!("{}-{}-{}-{}", m.shard, l.leader_id.term, l.index, n),
@@ -120,8 +120,20 @@ impl RaftSnapshotBuilder<TypeConfig> for MachineStore {
                 last_membership: inner.membership.clone(),
                 snapshot_id,
             };
-            (meta, data)
+            (frozen, meta)
         };
+        // Encoded outside the lock, on the blocking pool: `apply` carries on meanwhile.
+        let data = tokio::task::spawn_blocking(move || {
+            let data = frozen.encode();
+            tracing::debug!(
+                sessions = frozen.count(),
+                bytes = data.len(),
+                "snapshot encoded"
+            );
+            data
+        })
+        .await
+        .map_err(sm_err)?;
         m.disk
             .save_snapshot(m.shard, &codec::snapshot_meta_to_pb(&meta), data.clone())
             .await
