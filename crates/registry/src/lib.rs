@@ -19,7 +19,8 @@
 //!   frozen views snapshots are encoded from;
 //! - `accounts`: its copy-on-write accounts map, so a snapshot never stops `apply`;
 //! - `codec`: openraft 0.9 types and their protobuf form;
-//! - `storage`: the redb log with group commit, vote, snapshots;
+//! - `storage`: the redb log with group commit, vote, committed pointer;
+//! - `snapshots`: one snapshot file per shard, written outside the log's writer;
 //! - `machine`: openraft's state machine around `state`, with the watch channel;
 //! - `network` / `server`: the Raft transport and the client API over tonic;
 //! - `proposer`: server-side batching of concurrent writes into one entry;
@@ -38,6 +39,7 @@ mod proposer;
 mod rebalance;
 mod server;
 pub mod shard;
+mod snapshots;
 mod state;
 mod storage;
 
