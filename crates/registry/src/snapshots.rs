@@ -39,7 +39,8 @@ pub(crate) struct SnapshotFiles {
     /// Makes temporary names unique within the process.
     seq: AtomicU64,
     /// The last log id of the snapshot on disk, by shard; held while a file is replaced, so
-    /// writes of one shard are ordered.
+    /// writes of one shard are ordered (and the node writes one snapshot at a time: they are
+    /// rare, and one sequential write at a time suits the disk the log shares).
     latest: Mutex<BTreeMap<u32, Option<LogId<MemberId>>>>,
 }
 
