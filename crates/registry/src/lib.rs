@@ -15,9 +15,12 @@
 //!
 //! Map of the replicated registry (see `proto/registry.proto` for the wire API):
 //! - [`shard`]: the stable hash of a bare JID to its shard (one Raft group per shard);
-//! - `state`: the deterministic state machine of one shard (sessions, leases);
+//! - `state`: the deterministic state machine of one shard (sessions, leases), and the
+//!   frozen views snapshots are encoded from;
+//! - `accounts`: its copy-on-write accounts map, so a snapshot never stops `apply`;
 //! - `codec`: openraft 0.9 types and their protobuf form;
-//! - `storage`: the redb log with group commit, vote, snapshots;
+//! - `storage`: the redb log with group commit, vote, committed pointer;
+//! - `snapshots`: one snapshot file per shard, written outside the log's writer;
 //! - `machine`: openraft's state machine around `state`, with the watch channel;
 //! - `network` / `server`: the Raft transport and the client API over tonic;
 //! - `proposer`: server-side batching of concurrent writes into one entry;
@@ -25,6 +28,7 @@
 //! - [`node`]: a registry node (all shards, bootstrap, leases) and [`node::run`];
 //! - [`client`]: the client used by edges and routers.
 
+mod accounts;
 pub mod client;
 mod codec;
 mod local;
@@ -35,6 +39,7 @@ mod proposer;
 mod rebalance;
 mod server;
 pub mod shard;
+mod snapshots;
 mod state;
 mod storage;
 

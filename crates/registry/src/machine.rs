@@ -1,11 +1,17 @@
 //! The openraft state machine of one shard: applies committed batches to a [`ShardState`],
 //! publishes the resulting account changes on the shard's watch channel, and builds and
-//! installs snapshots (persisted through [`Disk`], so a restart starts from the latest
+//! installs snapshots (persisted as [`SnapshotFiles`], so a restart starts from the latest
 //! snapshot and replays the committed log after it).
+//!
+//! Building a snapshot holds the state's write lock only to freeze it (O(1), see `state` and
+//! `accounts`); encoding the frozen view and writing the file run on a blocking thread while
+//! `apply` and the reads carry on. Installing one decodes it and writes its file before taking
+//! the lock, which then only swaps the state in.
 
 use std::io::Cursor;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
 
 use openraft::storage::RaftStateMachine;
 use openraft::{
@@ -18,8 +24,9 @@ use tokio::sync::broadcast;
 
 use crate::codec::{self, MemberId, TypeConfig};
 use crate::pb;
+use crate::snapshots::SnapshotFiles;
 use crate::state::ShardState;
-use crate::storage::{Disk, StoreError};
+use crate::storage::StoreError;
 
 #[derive(Debug)]
 struct Inner {
@@ -36,7 +43,7 @@ pub(crate) struct Machine {
     /// The latest snapshot's meta; its data stays on disk until a follower needs it (a
     /// snapshot is the size of the shard: keeping it in memory would double the footprint).
     current: Mutex<Option<SnapshotMeta<MemberId, BasicNode>>>,
-    disk: Arc<Disk>,
+    files: Arc<SnapshotFiles>,
     events: broadcast::Sender<Arc<pb::WatchEvent>>,
     built: AtomicU64,
 }
@@ -45,7 +52,7 @@ impl Machine {
     /// The state machine of `shard`, starting from its persisted snapshot if there is one.
     pub(crate) fn open(
         shard: u32,
-        disk: Arc<Disk>,
+        files: Arc<SnapshotFiles>,
         snapshot: Option<(pb::SnapshotMeta, Vec<u8>)>,
         watch_capacity: usize,
     ) -> Result<Arc<Machine>, StoreError> {
@@ -63,6 +70,7 @@ impl Machine {
             inner.last_applied = meta.last_log_id;
             inner.membership = meta.last_membership.clone();
             inner.data = ShardState::from_snapshot(state);
+            files.note_loaded(shard, meta.last_log_id);
             current = Some(meta);
         }
         let (events, _) = broadcast::channel(watch_capacity.max(1));
@@ -70,7 +78,7 @@ impl Machine {
             shard,
             inner: RwLock::new(inner),
             current: Mutex::new(current),
-            disk,
+            files,
             events,
             built: AtomicU64::new(0),
         }))
@@ -92,6 +100,26 @@ impl Machine {
         // No subscriber is not an error: nobody watches this shard here.
         let _ = self.events.send(Arc::new(event));
     }
+
+    /// Makes `meta` the current snapshot unless a later one already is (a build that froze
+    /// the state before an install may finish after it).
+    fn set_current(&self, meta: &SnapshotMeta<MemberId, BasicNode>) {
+        let mut current = self.current.lock();
+        if current
+            .as_ref()
+            .is_none_or(|c| c.last_log_id <= meta.last_log_id)
+        {
+            *current = Some(meta.clone());
+        }
+    }
+}
+
+/// Runs `f` on the blocking pool: snapshot encoding, decoding and file I/O take milliseconds
+/// to seconds, which must not stall the runtime's workers.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, StorageError<MemberId>> {
+    tokio::task::spawn_blocking(f).await.map_err(sm_err)
 }
 
 fn sm_err(e: impl std::fmt::Display) -> StorageError<MemberId> {
@@ -107,9 +135,9 @@ pub(crate) struct MachineStore(pub(crate) Arc<Machine>);
 impl RaftSnapshotBuilder<TypeConfig> for MachineStore {
     async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<MemberId>> {
         let m = &self.0;
-        let (meta, data) = {
-            let inner = m.inner.read();
-            let data = inner.data.to_snapshot().encode_to_vec();
+        let (frozen, meta) = {
+            let mut inner = m.inner.write();
+            let frozen = inner.data.freeze();
             let n = m.built.fetch_add(1, Ordering::Relaxed) + 1;
             let snapshot_id = match inner.last_applied {
                 Some(l) => format!("{}-{}-{}-{}", m.shard, l.leader_id.term, l.index, n),
@@ -120,16 +148,40 @@ impl RaftSnapshotBuilder<TypeConfig> for MachineStore {
                 last_membership: inner.membership.clone(),
                 snapshot_id,
             };
-            (meta, data)
+            (frozen, meta)
         };
-        m.disk
-            .save_snapshot(m.shard, &codec::snapshot_meta_to_pb(&meta), data.clone())
-            .await
-            .map_err(sm_err)?;
+        let (files, shard, last) = (m.files.clone(), m.shard, meta.last_log_id);
+        let meta_pb = codec::snapshot_meta_to_pb(&meta);
+        let data = blocking(move || {
+            let started = Instant::now();
+            let data = frozen.encode();
+            let sessions = frozen.count();
+            // Dropped before the write, so applies merge their overlay back the sooner.
+            drop(frozen);
+            let encoded = started.elapsed();
+            metrics::histogram!("starling_registry_snapshot_encode_seconds")
+                .record(encoded.as_secs_f64());
+            tracing::debug!(
+                shard,
+                sessions,
+                bytes = data.len(),
+                ?encoded,
+                "snapshot encoded"
+            );
+            let started = Instant::now();
+            // Not written if a later snapshot was installed meanwhile; openraft keeps the
+            // later one as its snapshot then.
+            files.write(shard, last, &meta_pb, &data)?;
+            metrics::histogram!("starling_registry_snapshot_write_seconds")
+                .record(started.elapsed().as_secs_f64());
+            Ok::<_, StoreError>(data)
+        })
+        .await?
+        .map_err(sm_err)?;
         metrics::counter!("starling_registry_snapshots_built_total").increment(1);
         metrics::gauge!("starling_registry_snapshot_bytes", "shard" => m.shard.to_string())
             .set(data.len() as f64);
-        *m.current.lock() = Some(meta.clone());
+        m.set_current(&meta);
         Ok(Snapshot {
             meta,
             snapshot: Box::new(Cursor::new(data)),
@@ -211,31 +263,40 @@ impl RaftStateMachine<TypeConfig> for MachineStore {
     ) -> Result<(), StorageError<MemberId>> {
         let m = &self.0;
         let data = snapshot.into_inner();
-        let state = pb::SnapshotData::decode(data.as_slice()).map_err(|e| StorageError::IO {
+        let (files, shard, last) = (m.files.clone(), m.shard, meta.last_log_id);
+        let meta_pb = codec::snapshot_meta_to_pb(meta);
+        // Decoded and durable before the state is replaced: openraft purges the log after this.
+        let state = blocking(move || {
+            let state = pb::SnapshotData::decode(data.as_slice())?;
+            let written = files.write(shard, last, &meta_pb, &data);
+            drop(data);
+            Ok::<_, prost::DecodeError>(written.map(|_| ShardState::from_snapshot(state)))
+        })
+        .await?
+        .map_err(|e| StorageError::IO {
             source: StorageIOError::read_snapshot(
                 Some(meta.signature()),
                 AnyError::error(e.to_string()),
             ),
-        })?;
-        m.disk
-            .save_snapshot(m.shard, &codec::snapshot_meta_to_pb(meta), data.clone())
-            .await
-            .map_err(sm_err)?;
-        {
+        })?
+        .map_err(sm_err)?;
+        let old = {
             let mut inner = m.inner.write();
             inner.last_applied = meta.last_log_id;
             inner.membership = meta.last_membership.clone();
-            inner.data = ShardState::from_snapshot(state);
+            let old = std::mem::replace(&mut inner.data, state);
             m.publish(pb::WatchEvent {
                 shard: m.shard,
                 index: meta.last_log_id.map_or(0, |l| l.index),
                 changes: Vec::new(),
                 resync: true,
             });
-        }
+            old
+        };
+        // Freed outside the lock: dropping a shard's sessions takes a while.
+        drop(old);
         metrics::counter!("starling_registry_snapshots_installed_total").increment(1);
-        *m.current.lock() = Some(meta.clone());
-        drop(data);
+        m.set_current(meta);
         Ok(())
     }
 
@@ -248,10 +309,9 @@ impl RaftStateMachine<TypeConfig> for MachineStore {
         let read_err = |e: String| StorageError::IO {
             source: StorageIOError::read_snapshot(None, AnyError::error(e)),
         };
-        let Some((meta, data)) = self
-            .0
-            .disk
-            .read_snapshot(self.0.shard)
+        let (files, shard) = (self.0.files.clone(), self.0.shard);
+        let Some((meta, data)) = blocking(move || files.read(shard))
+            .await?
             .map_err(|e| read_err(e.to_string()))?
         else {
             return Ok(None);

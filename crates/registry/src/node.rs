@@ -34,6 +34,7 @@ use crate::machine::{Machine, MachineStore};
 use crate::network::{Channels, MAX_MESSAGE_BYTES, Network};
 use crate::pb;
 use crate::proposer::{Proposer, now_ms};
+use crate::snapshots::{SnapshotFiles, latest_snapshot};
 use crate::storage::{Disk, LogStore, StoreError};
 
 /// Requests served at once on one client connection; more wait (HTTP/2 flow control).
@@ -234,18 +235,16 @@ impl RegistryNode {
             NodeError::Config(format!("data dir {}: {e}", config.data_dir.display()))
         })?;
         let disk = Disk::open(&config.data_dir.join("registry.redb"), config.disk_queue)?;
+        let files = Arc::new(SnapshotFiles::open(&config.data_dir.join("snapshots"))?);
         let channels = Arc::new(Channels::default());
         let cancel = CancellationToken::new();
         let mut tasks = JoinSet::new();
         let mut shards = Vec::with_capacity(config.shards as usize);
         for shard in 0..config.shards {
             let mut loaded = disk.load_shard(shard)?;
-            let machine = Machine::open(
-                shard,
-                disk.clone(),
-                loaded.snapshot.take(),
-                config.watch_buffer,
-            )?;
+            let snapshot =
+                latest_snapshot(&disk, &files, shard, loaded.legacy_snapshot.take()).await?;
+            let machine = Machine::open(shard, files.clone(), snapshot, config.watch_buffer)?;
             let log = LogStore::new(shard, disk.clone(), &mut loaded);
             let network = Network {
                 shard,

@@ -10,9 +10,15 @@
 //! only touch the session of the given stream id, so a late message from a replaced session
 //! cannot disturb its successor. Presence is the last available presence (RFC 6121 §4.2, §4.5).
 //! Resumption ids are those of XEP-0198 §5.
+//!
+//! Snapshots: [`ShardState::freeze`] takes a point-in-time view in O(1) (the accounts map is
+//! copy-on-write, see `accounts`), and [`Frozen::encode`] encodes it without any lock, while
+//! the live state keeps applying entries.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
+use std::sync::Arc;
 
+use crate::accounts::{AccountMap, Accounts};
 use crate::pb;
 use crate::shard::bare_of;
 
@@ -20,7 +26,7 @@ use crate::shard::bare_of;
 #[derive(Debug, Default, Clone, PartialEq)]
 pub(crate) struct ShardState {
     /// Sessions by bare JID. Accounts have few resources, so a vector is the cheapest map.
-    accounts: HashMap<String, Vec<pb::Session>>,
+    accounts: AccountMap,
     /// Node name → lease expiry (ms since the Unix epoch, leader clock).
     leases: BTreeMap<String, u64>,
     /// Number of sessions, kept in step with `accounts`.
@@ -124,7 +130,7 @@ impl ShardState {
         let mut session = session.clone();
         session.priority = priority(session.priority);
         let bare = bare_of(&session.jid).to_owned();
-        let sessions = self.accounts.entry(bare.clone()).or_default();
+        let sessions = self.accounts.entry(bare.clone());
         let mut replaced = None;
         if let Some(existing) = sessions.iter_mut().find(|s| s.jid == session.jid) {
             let old = std::mem::replace(existing, session);
@@ -223,12 +229,19 @@ impl ShardState {
         expired: Option<&str>,
         changes: &mut Vec<pb::Change>,
     ) -> Vec<pb::Session> {
+        let mut touched: Vec<String> = self
+            .accounts
+            .iter()
+            .filter(|(_, sessions)| sessions.iter().any(|s| s.node == node))
+            .map(|(bare, _)| bare.clone())
+            .collect();
+        // Sorted so the order of changes does not depend on the hash map's iteration order.
+        touched.sort_unstable();
         let mut all = Vec::new();
-        let mut touched = Vec::new();
-        for (bare, sessions) in &mut self.accounts {
-            if !sessions.iter().any(|s| s.node == node) {
+        for bare in touched {
+            let Some(sessions) = self.accounts.get_mut(&bare) else {
                 continue;
-            }
+            };
             let mut removed = Vec::new();
             sessions.retain(|s| {
                 if s.node == node {
@@ -238,15 +251,10 @@ impl ShardState {
                     true
                 }
             });
-            touched.push((bare.clone(), removed));
-        }
-        // Sorted so the order of changes does not depend on the hash map's iteration order.
-        touched.sort_by(|a, b| a.0.cmp(&b.0));
-        for (bare, removed) in touched {
-            self.sessions -= removed.len();
-            if self.accounts.get(&bare).is_some_and(Vec::is_empty) {
+            if sessions.is_empty() {
                 self.accounts.remove(&bare);
             }
+            self.sessions -= removed.len();
             all.extend(removed.iter().cloned());
             self.note(changes, &bare, removed, expired);
         }
@@ -291,14 +299,15 @@ impl ShardState {
     }
 
     /// The snapshot form, in a canonical order (sorted), so equal states encode equally.
+    /// Snapshots are built with [`ShardState::freeze`] and [`Frozen::encode`], which give the
+    /// same bytes without copying the sessions; this form is for tests and comparisons.
+    #[cfg(test)]
     pub(crate) fn to_snapshot(&self) -> pb::SnapshotData {
-        let mut bares: Vec<&String> = self.accounts.keys().collect();
-        bares.sort();
+        let mut accounts: Vec<_> = self.accounts.iter().collect();
+        accounts.sort_unstable_by(|a, b| a.0.cmp(b.0));
         let mut sessions = Vec::with_capacity(self.sessions);
-        for bare in bares {
-            if let Some(v) = self.accounts.get(bare) {
-                sessions.extend(v.iter().cloned());
-            }
+        for (_, v) in accounts {
+            sessions.extend(v.iter().cloned());
         }
         pb::SnapshotData {
             sessions,
@@ -317,17 +326,78 @@ impl ShardState {
     pub(crate) fn from_snapshot(data: pb::SnapshotData) -> Self {
         let mut state = ShardState::default();
         for s in data.sessions {
-            state
-                .accounts
-                .entry(bare_of(&s.jid).to_owned())
-                .or_default()
-                .push(s);
+            state.accounts.entry(bare_of(&s.jid).to_owned()).push(s);
             state.sessions += 1;
         }
         for l in data.leases {
             state.leases.insert(l.node, l.expires_ms);
         }
         state
+    }
+
+    /// A point-in-time view for a snapshot, in O(1) (plus the leases, a handful): later
+    /// applies do not change it. Hold it only while encoding: while it lives, writes go to the
+    /// accounts' overlay, merged back by the first write after it is dropped.
+    pub(crate) fn freeze(&mut self) -> Frozen {
+        Frozen {
+            accounts: self.accounts.freeze(),
+            leases: self.leases.clone(),
+            sessions: self.sessions,
+        }
+    }
+}
+
+/// A frozen view of a shard's state (see [`ShardState::freeze`]).
+#[derive(Debug)]
+pub(crate) struct Frozen {
+    accounts: Arc<Accounts>,
+    leases: BTreeMap<String, u64>,
+    sessions: usize,
+}
+
+/// The field numbers of `SnapshotData` (proto/registry.proto).
+const SNAPSHOT_SESSIONS: u32 = 1;
+const SNAPSHOT_LEASES: u32 = 2;
+
+impl Frozen {
+    /// The encoded `pb::SnapshotData` of the view: byte for byte what encoding
+    /// [`ShardState::to_snapshot`] would give (sessions sorted by bare JID, leases by node),
+    /// written straight from the shared records instead of a copy of every session.
+    pub(crate) fn encode(&self) -> Vec<u8> {
+        use prost::encoding::message;
+        let mut accounts: Vec<(&String, &Vec<pb::Session>)> = self.accounts.iter().collect();
+        accounts.sort_unstable_by(|a, b| a.0.cmp(b.0));
+        let leases: Vec<pb::Lease> = self
+            .leases
+            .iter()
+            .map(|(node, exp)| pb::Lease {
+                node: node.clone(),
+                expires_ms: *exp,
+            })
+            .collect();
+        let len = accounts
+            .iter()
+            .flat_map(|(_, v)| v.iter())
+            .map(|s| message::encoded_len(SNAPSHOT_SESSIONS, s))
+            .sum::<usize>()
+            + leases
+                .iter()
+                .map(|l| message::encoded_len(SNAPSHOT_LEASES, l))
+                .sum::<usize>();
+        let mut buf = Vec::with_capacity(len);
+        for s in accounts.iter().flat_map(|(_, v)| v.iter()) {
+            message::encode(SNAPSHOT_SESSIONS, s, &mut buf);
+        }
+        for l in &leases {
+            message::encode(SNAPSHOT_LEASES, l, &mut buf);
+        }
+        debug_assert_eq!(buf.len(), len);
+        buf
+    }
+
+    /// How many sessions the view holds.
+    pub(crate) fn count(&self) -> usize {
+        self.sessions
     }
 }
 
@@ -525,5 +595,106 @@ mod tests {
         let c = ShardState::from_snapshot(snap);
         assert_eq!(c, a);
         assert_eq!(c.count(), 1);
+    }
+
+    /// A deterministic mix of every operation over a few accounts, resources and nodes.
+    fn mixed_ops(seed: u64, n: usize) -> Vec<pb::Op> {
+        let mut x = seed;
+        let mut next = move |m: u64| {
+            x = x
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            (x >> 33) % m
+        };
+        (0..n)
+            .map(|_| {
+                let jid = format!("u{}@x/{}", next(40), next(3));
+                let node = format!("e{}", next(3));
+                let stream = format!("s{}", next(4));
+                match next(10) {
+                    0..=3 => bind(&jid, &node, &stream, 3),
+                    4 | 5 => op(pb::op::Op::Unbind(pb::Unbind {
+                        jid,
+                        stream_id: stream,
+                    })),
+                    6 => op(pb::op::Op::SetPresence(pb::SetPresence {
+                        jid,
+                        stream_id: stream,
+                        priority: 1,
+                        presence: Some(bytes::Bytes::from_static(b"<presence/>")),
+                    })),
+                    7 => op(pb::op::Op::SetResumption(pb::SetResumption {
+                        jid,
+                        stream_id: stream,
+                        resumption: Some("r".into()),
+                    })),
+                    8 => op(pb::op::Op::Heartbeat(pb::Heartbeat { node, ttl_ms: 10 })),
+                    _ if next(4) == 0 => op(pb::op::Op::RemoveNode(pb::RemoveNode { node })),
+                    _ => bind(&jid, &node, &stream, 0),
+                }
+            })
+            .collect()
+    }
+
+    fn encoded(st: &ShardState) -> Vec<u8> {
+        prost::Message::encode_to_vec(&st.to_snapshot())
+    }
+
+    /// Applies `ops` to both states and checks they answered alike.
+    fn apply_both(a: &mut ShardState, b: &mut ShardState, time_ms: u64, ops: Vec<pb::Op>) {
+        let batch = batch(time_ms, ops);
+        let (ra, rb) = (a.apply(&batch), b.apply(&batch));
+        assert_eq!(ra.results, rb.results);
+        assert_eq!(ra.changes, rb.changes);
+    }
+
+    #[test]
+    fn writes_during_a_frozen_view_stay_out_of_it_and_merge_back_to_the_same_state() {
+        // `cow` is frozen in the middle; `plain` never is; `then` stops at the freeze.
+        let (mut cow, mut plain, mut then) = (
+            ShardState::default(),
+            ShardState::default(),
+            ShardState::default(),
+        );
+        let first = mixed_ops(1, 400);
+        apply_both(&mut cow, &mut plain, 1, first.clone());
+        then.apply(&batch(1, first));
+        assert!(cow.count() > 0);
+
+        let view = cow.freeze();
+        assert!(cow.accounts.is_frozen());
+        assert_eq!(view.count(), then.count());
+        for round in 0..5 {
+            apply_both(&mut cow, &mut plain, 2 + round, mixed_ops(100 + round, 200));
+            assert_eq!(cow, plain);
+            assert_eq!(encoded(&cow), encoded(&plain));
+            assert_eq!(cow.count(), plain.count());
+        }
+        assert!(cow.accounts.overlay_len() > 0);
+        // The view is the state as it was at the freeze, nothing later.
+        assert_eq!(view.encode(), encoded(&then));
+        drop(view);
+
+        apply_both(&mut cow, &mut plain, 10, mixed_ops(7, 50));
+        assert_eq!(cow.accounts.overlay_len(), 0);
+        assert!(!cow.accounts.is_frozen());
+        assert_eq!(cow, plain);
+        assert_eq!(encoded(&cow), encoded(&plain));
+        // And a freeze with nothing held encodes what the non-CoW form encodes.
+        assert_eq!(cow.freeze().encode(), encoded(&plain));
+    }
+
+    #[test]
+    fn frozen_encoding_is_byte_identical_to_the_snapshot_message() {
+        let mut st = ShardState::default();
+        assert_eq!(st.freeze().encode(), encoded(&st));
+        st.apply(&batch(3, mixed_ops(42, 1000)));
+        let bytes = st.freeze().encode();
+        assert_eq!(bytes, encoded(&st));
+        let back = ShardState::from_snapshot(
+            <pb::SnapshotData as prost::Message>::decode(bytes.as_slice()).unwrap(),
+        );
+        assert_eq!(back, st);
+        assert_eq!(back.count(), st.count());
     }
 }

@@ -1,5 +1,7 @@
-//! Durable Raft storage on redb: the log, the vote, the committed pointer and the latest
-//! snapshot of every shard of a node, in one database file.
+//! Durable Raft storage on redb: the log, the vote and the committed pointer of every shard
+//! of a node, in one database file. Snapshots are files of their own (`snapshots`), written
+//! outside this file's writer; data directories of earlier versions kept them here, in the
+//! `snapshot` table, which is read once at start and emptied (see `load_shard`).
 //!
 //! **Group commit.** One writer thread owns every write to the file. Appends, truncations,
 //! purges and vote changes from all shards queue in one bounded channel; the writer takes
@@ -38,7 +40,8 @@ use crate::pb;
 const LOG: TableDefinition<'static, (u32, u64), &[u8]> = TableDefinition::new("raft_log");
 /// Per-shard small values by (shard, key): see the `KEY_*` constants.
 const META: TableDefinition<'static, (u32, &str), &[u8]> = TableDefinition::new("raft_meta");
-/// The latest snapshot data of each shard, as `pb::SnapshotData`.
+/// Earlier versions' snapshot of each shard, as `pb::SnapshotData` (its meta under
+/// `KEY_SNAPSHOT_META`): read at start, moved to a snapshot file, then removed.
 const SNAPSHOT: TableDefinition<'static, u32, &[u8]> = TableDefinition::new("snapshot");
 
 const KEY_VOTE: &str = "vote";
@@ -48,8 +51,8 @@ const KEY_SNAPSHOT_META: &str = "snapshot_meta";
 
 /// Most requests one transaction takes; the rest wait for the next one.
 const MAX_GROUP: usize = 4096;
-/// redb's page cache. The log is read from memory and snapshots are read rarely, so the cache
-/// only serves writes; redb's default (1 GiB) would grow with the file.
+/// redb's page cache. The log is read from memory and snapshots live in files of their own,
+/// so the cache only serves writes; redb's default (1 GiB) would grow with the file.
 const CACHE_BYTES: usize = 64 * 1024 * 1024;
 
 /// A storage failure.
@@ -97,10 +100,8 @@ enum DiskOp {
         value: Vec<u8>,
         done: Option<Ack>,
     },
-    Snapshot {
+    DropLegacySnapshot {
         shard: u32,
-        meta: Vec<u8>,
-        data: Vec<u8>,
         done: Ack,
     },
     Stop,
@@ -113,7 +114,8 @@ pub(crate) struct LoadedShard {
     pub(crate) vote: Option<Vote<MemberId>>,
     pub(crate) committed: Option<LogId<MemberId>>,
     pub(crate) purged: Option<LogId<MemberId>>,
-    pub(crate) snapshot: Option<(pb::SnapshotMeta, Vec<u8>)>,
+    /// The snapshot an earlier version kept in the database, if any.
+    pub(crate) legacy_snapshot: Option<(pb::SnapshotMeta, Vec<u8>)>,
 }
 
 /// The database file of a node and its writer thread.
@@ -137,7 +139,7 @@ impl std::fmt::Debug for DiskOp {
             DiskOp::Truncate { .. } => "Truncate",
             DiskOp::Purge { .. } => "Purge",
             DiskOp::Meta { .. } => "Meta",
-            DiskOp::Snapshot { .. } => "Snapshot",
+            DiskOp::DropLegacySnapshot { .. } => "DropLegacySnapshot",
             DiskOp::Stop => "Stop",
         })
     }
@@ -185,7 +187,7 @@ impl Disk {
         }
     }
 
-    /// Reads what one shard has on disk.
+    /// Reads what one shard has in the database.
     pub(crate) fn load_shard(&self, shard: u32) -> Result<LoadedShard, StoreError> {
         let db = self.db.lock().clone().ok_or(StoreError::Closed)?;
         let txn = db.begin_read().map_err(StoreError::db)?;
@@ -231,7 +233,7 @@ impl Disk {
                 .map_err(StoreError::db)?
                 .map(|v| v.value().to_vec())
                 .unwrap_or_default();
-            out.snapshot = Some((meta, data));
+            out.legacy_snapshot = Some((meta, data));
         }
         Ok(out)
     }
@@ -250,53 +252,31 @@ impl Disk {
         }
     }
 
-    /// The latest snapshot of `shard`, its meta and data read in one transaction (they are
-    /// written in one), so they always belong together.
-    pub(crate) fn read_snapshot(
-        &self,
-        shard: u32,
-    ) -> Result<Option<(pb::SnapshotMeta, Vec<u8>)>, StoreError> {
-        let db = self.db.lock().clone().ok_or(StoreError::Closed)?;
-        let txn = db.begin_read().map_err(StoreError::db)?;
-        let meta_t = txn.open_table(META).map_err(StoreError::db)?;
-        let snap_t = txn.open_table(SNAPSHOT).map_err(StoreError::db)?;
-        let Some(meta) = meta_t
-            .get((shard, KEY_SNAPSHOT_META))
-            .map_err(StoreError::db)?
-            .map(|v| v.value().to_vec())
-        else {
-            return Ok(None);
-        };
-        let meta = pb::SnapshotMeta::decode(meta.as_slice())
-            .map_err(|e| StoreError::Corrupt(e.to_string()))?;
-        let data = snap_t
-            .get(shard)
-            .map_err(StoreError::db)?
-            .map(|v| v.value().to_vec())
-            .unwrap_or_default();
-        Ok(Some((meta, data)))
-    }
-
-    /// Persists a snapshot of `shard` (replacing the previous one) and waits for the fsync.
-    pub(crate) async fn save_snapshot(
-        &self,
-        shard: u32,
-        meta: &pb::SnapshotMeta,
-        data: Vec<u8>,
-    ) -> Result<(), StoreError> {
-        let meta = meta.encode_to_vec();
-        self.send_and_wait(|done| DiskOp::Snapshot {
-            shard,
-            meta,
-            data,
-            done,
-        })
-        .await
+    /// Removes the snapshot an earlier version kept in the database for `shard`, once it
+    /// has been moved to its file; waits for the commit.
+    pub(crate) async fn drop_legacy_snapshot(&self, shard: u32) -> Result<(), StoreError> {
+        self.send_and_wait(|done| DiskOp::DropLegacySnapshot { shard, done })
+            .await
     }
 
     /// Notes the committed pointer of `shard`; written with a later group (see the module doc).
     pub(crate) fn note_committed(&self, shard: u32, committed: LogId<MemberId>) {
         self.committed.lock().insert(shard, committed);
+    }
+
+    /// Writes a snapshot into the database the way earlier versions did, for migration tests.
+    #[cfg(test)]
+    pub(crate) fn put_legacy_snapshot(&self, shard: u32, meta: &pb::SnapshotMeta, data: &[u8]) {
+        let db = self.db.lock().clone().expect("open");
+        let txn = db.begin_write().expect("write");
+        {
+            let mut snap = txn.open_table(SNAPSHOT).expect("table");
+            let mut m = txn.open_table(META).expect("table");
+            snap.insert(shard, data).expect("insert");
+            m.insert((shard, KEY_SNAPSHOT_META), meta.encode_to_vec().as_slice())
+                .expect("insert");
+        }
+        txn.commit().expect("commit");
     }
 
     /// How many transactions the writer has committed.
@@ -385,7 +365,7 @@ fn writer_loop(
                     .log_io_completed(result.clone().map_err(|e| std::io::Error::other(e.clone()))),
                 DiskOp::Truncate { done, .. }
                 | DiskOp::Purge { done, .. }
-                | DiskOp::Snapshot { done, .. } => {
+                | DiskOp::DropLegacySnapshot { done, .. } => {
                     let _ = done.send(result.clone());
                 }
                 DiskOp::Meta { done, .. } => {
@@ -438,14 +418,9 @@ fn write_group(
                 } => {
                     meta.insert((*shard, *key), value.as_slice())?;
                 }
-                DiskOp::Snapshot {
-                    shard,
-                    meta: m,
-                    data,
-                    ..
-                } => {
-                    snap.insert(*shard, data.as_slice())?;
-                    meta.insert((*shard, KEY_SNAPSHOT_META), m.as_slice())?;
+                DiskOp::DropLegacySnapshot { shard, .. } => {
+                    snap.remove(*shard)?;
+                    meta.remove((*shard, KEY_SNAPSHOT_META))?;
                 }
                 DiskOp::Stop => {}
             }
@@ -662,7 +637,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     pub(crate) fn temp_dir(name: &str) -> std::path::PathBuf {

@@ -281,6 +281,66 @@ async fn wiped_node_catches_up_by_snapshot() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cluster_restarts_from_its_snapshot_files_after_the_logs_were_purged() {
+    let mut c = Cluster::start(
+        "snapfiles",
+        3,
+        Opts {
+            shards: 2,
+            snapshot_every: 20,
+            keep_after_snapshot: 5,
+        },
+    )
+    .await;
+    let client = c.client(ReadMode::Linearizable).await;
+    // One write at a time: one entry each, so every node passes several snapshots.
+    for i in 0..120 {
+        client
+            .bind(rec(&format!("u{i}@x/r"), "e1", &format!("s{i}")))
+            .await
+            .unwrap();
+    }
+    for i in 0..10 {
+        assert_eq!(
+            client
+                .unbind(&full(&format!("u{i}@x/r")), &format!("s{i}"))
+                .await,
+            Ok(true)
+        );
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    for n in 0..3 {
+        for s in 0..2 {
+            while c.node(n).snapshot_index(s).is_none_or(|i| i < 40) {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "node {n} shard {s}: no snapshot"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let file = c.configs[n]
+                .data_dir
+                .join("snapshots")
+                .join(format!("shard-{s}.snap"));
+            assert!(file.is_file(), "{} missing", file.display());
+        }
+    }
+
+    for n in 0..3 {
+        c.stop(n).await;
+    }
+    for n in 0..3 {
+        c.restart(n, false).await;
+    }
+    c.wait_leaders().await;
+    let client = c.client(ReadMode::Linearizable).await;
+    assert_eq!(client.count().await, Ok(110));
+    assert_eq!(client.session(&full("u3@x/r")).await, Ok(None));
+    let s = client.session(&full("u117@x/r")).await.unwrap().unwrap();
+    assert_eq!(&*s.stream_id, "s117");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lease_expiry_removes_a_nodes_sessions_in_one_entry_and_the_watch_reports_it() {
     let shards = 2;
     let c = Cluster::start(
