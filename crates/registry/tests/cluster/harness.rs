@@ -155,6 +155,18 @@ impl Cluster {
         }
     }
 
+    /// Stops every node, then starts each again from its data directory, and waits for every
+    /// shard to have a leader.
+    pub(crate) async fn restart_all_from_disk(&mut self) {
+        for i in 0..self.nodes.len() {
+            self.stop(i).await;
+        }
+        for i in 0..self.nodes.len() {
+            self.restart(i, false).await;
+        }
+        self.wait_leaders().await;
+    }
+
     pub(crate) async fn restart(&mut self, i: usize, wipe: bool) {
         assert!(self.nodes[i].is_none());
         let c = self.configs[i].clone();

@@ -219,13 +219,7 @@ async fn restarted_node_catches_up_and_the_cluster_restarts_from_disk() {
     c.wait_caught_up(2).await;
 
     // Every node down, then up again from its files.
-    for i in 0..3 {
-        c.stop(i).await;
-    }
-    for i in 0..3 {
-        c.restart(i, false).await;
-    }
-    c.wait_leaders().await;
+    c.restart_all_from_disk().await;
     let client = c.client(ReadMode::Linearizable).await;
     assert_eq!(client.count().await, Ok(80));
     let s = client.session(&full("u77@x/r")).await.unwrap().unwrap();
@@ -326,13 +320,7 @@ async fn the_cluster_restarts_from_its_snapshot_files_after_the_logs_were_purged
         }
     }
 
-    for n in 0..3 {
-        c.stop(n).await;
-    }
-    for n in 0..3 {
-        c.restart(n, false).await;
-    }
-    c.wait_leaders().await;
+    c.restart_all_from_disk().await;
     let client = c.client(ReadMode::Linearizable).await;
     assert_eq!(client.count().await, Ok(110));
     assert_eq!(client.session(&full("u3@x/r")).await, Ok(None));
